@@ -1,0 +1,633 @@
+//! `VmConfig`: the one description of a VM, built by the CLI flags, read from `--config FILE`
+//! and (later) sent through the API. It is validated in one place, [`VmConfig::validate`],
+//! before any KVM call.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+/// Smallest guest: enough for the boot structures below 1 MiB plus a little RAM.
+pub const MIN_MEMORY: u64 = 2 << 20;
+/// Largest firmware image mapped below 4 GiB.
+pub const MAX_FIRMWARE_SIZE: u64 = 8 << 20;
+/// Largest vCPU count the guest interface supports (xAPIC IDs, 8-bit ACPI processor UIDs).
+pub const MAX_VCPUS_GUEST: u32 = 254;
+
+/// Errors in a VM configuration; each names the offending value.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A size string that does not parse.
+    #[error("invalid size {0:?}: expected a number of bytes with an optional K, M, G or T suffix (e.g. 512M, 2G)")]
+    Size(String),
+    /// A vCPU count of zero.
+    #[error("--cpus 0: a VM needs at least one vCPU")]
+    NoCpus,
+    /// More vCPUs than KVM (or the guest interface) allows.
+    #[error("--cpus {requested}: more than this host's KVM allows ({max})")]
+    TooManyCpus {
+        /// What was asked for.
+        requested: u32,
+        /// The limit.
+        max: u32,
+    },
+    /// Too little memory.
+    #[error("--memory {0}: too small, a VM needs at least 2M")]
+    MemoryTooSmall(ByteSize),
+    /// Memory not a multiple of the page size.
+    #[error("--memory {0}: must be a multiple of 4 KiB")]
+    MemoryUnaligned(ByteSize),
+    /// More memory than the host has.
+    #[error("--memory {requested}: more than this host's RAM ({host})")]
+    MemoryTooLarge {
+        /// What was asked for.
+        requested: ByteSize,
+        /// The host's total RAM.
+        host: ByteSize,
+    },
+    /// Neither a kernel nor a firmware image.
+    #[error("nothing to boot: give --kernel PATH (or --firmware PATH)")]
+    NothingToBoot,
+    /// Both a kernel and a firmware image.
+    #[error("--kernel and --firmware exclude each other")]
+    KernelAndFirmware,
+    /// An initrd or command line without a kernel.
+    #[error("--initrd and --cmdline need --kernel")]
+    BootArgsWithoutKernel,
+    /// A file that cannot be opened.
+    #[error("{what} {path}: {reason}")]
+    File {
+        /// Which option.
+        what: &'static str,
+        /// The path given.
+        path: PathBuf,
+        /// Why it is unusable.
+        reason: String,
+    },
+    /// A kernel file that is neither a bzImage nor an x86-64 ELF.
+    #[error("kernel {0}: not a Linux kernel (neither a bzImage nor an x86-64 ELF vmlinux)")]
+    NotAKernel(PathBuf),
+    /// A firmware image with a bad size.
+    #[error("firmware {path}: size {size} bytes; it must be a non-zero multiple of 4 KiB and at most 8M")]
+    FirmwareSize {
+        /// The path given.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+    },
+    /// A `--serial` value that does not parse.
+    #[error("invalid --serial {0:?}: expected stdio, null, file=PATH or socket=PATH")]
+    Serial(String),
+    /// A serial socket path that is already taken.
+    #[error("serial socket {0}: the path already exists; remove it or choose another")]
+    SerialSocketExists(PathBuf),
+    /// A command line that is too long.
+    #[error("kernel command line is {len} bytes; the limit is {max}")]
+    CmdlineTooLong {
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A config file that cannot be read or parsed.
+    #[error("config file {path}: {reason}")]
+    ConfigFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// A size in bytes; parses `4096`, `512K`, `512M`, `2G`, `1T` (binary multiples).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "SizeRepr", into = "String")]
+pub struct ByteSize(pub u64);
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum SizeRepr {
+    Bytes(u64),
+    Text(String),
+}
+
+impl TryFrom<SizeRepr> for ByteSize {
+    type Error = ConfigError;
+    fn try_from(r: SizeRepr) -> Result<Self, ConfigError> {
+        match r {
+            SizeRepr::Bytes(b) => Ok(ByteSize(b)),
+            SizeRepr::Text(s) => s.parse(),
+        }
+    }
+}
+
+impl From<ByteSize> for String {
+    fn from(b: ByteSize) -> String {
+        b.to_string()
+    }
+}
+
+impl FromStr for ByteSize {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        let err = || ConfigError::Size(s.to_string());
+        let t = s.trim();
+        let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (num, suffix) = t.split_at(digits_end);
+        let n: u64 = num.parse().map_err(|_| err())?;
+        let shift = match suffix.trim().to_ascii_uppercase().as_str() {
+            "" | "B" => 0,
+            "K" | "KB" | "KIB" => 10,
+            "M" | "MB" | "MIB" => 20,
+            "G" | "GB" | "GIB" => 30,
+            "T" | "TB" | "TIB" => 40,
+            _ => return Err(err()),
+        };
+        n.checked_mul(1u64 << shift).map(ByteSize).ok_or_else(err)
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.0;
+        for (shift, unit) in [(40, "T"), (30, "G"), (20, "M"), (10, "K")] {
+            if b != 0 && b % (1u64 << shift) == 0 {
+                return write!(f, "{}{unit}", b >> shift);
+            }
+        }
+        write!(f, "{b}")
+    }
+}
+
+/// Where COM1 goes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(try_from = "String", into = "String")]
+pub enum SerialConfig {
+    /// The VMM's stdin/stdout (raw mode when stdin is a terminal).
+    #[default]
+    Stdio,
+    /// Discard output, no input.
+    Null,
+    /// Append output to a file, no input.
+    File(PathBuf),
+    /// A Unix socket the VMM listens on; one client at a time gets the console.
+    Socket(PathBuf),
+}
+
+impl FromStr for SerialConfig {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        let nonempty = |p: &str| {
+            if p.is_empty() {
+                Err(ConfigError::Serial(s.to_string()))
+            } else {
+                Ok(PathBuf::from(p))
+            }
+        };
+        match s {
+            "stdio" => Ok(SerialConfig::Stdio),
+            "null" | "off" => Ok(SerialConfig::Null),
+            _ => {
+                if let Some(p) = s.strip_prefix("file=") {
+                    Ok(SerialConfig::File(nonempty(p)?))
+                } else if let Some(p) = s.strip_prefix("socket=") {
+                    Ok(SerialConfig::Socket(nonempty(p)?))
+                } else {
+                    Err(ConfigError::Serial(s.to_string()))
+                }
+            }
+        }
+    }
+}
+
+impl TryFrom<String> for SerialConfig {
+    type Error = ConfigError;
+    fn try_from(s: String) -> Result<Self, ConfigError> {
+        s.parse()
+    }
+}
+
+impl From<SerialConfig> for String {
+    fn from(s: SerialConfig) -> String {
+        match s {
+            SerialConfig::Stdio => "stdio".into(),
+            SerialConfig::Null => "null".into(),
+            SerialConfig::File(p) => format!("file={}", p.display()),
+            SerialConfig::Socket(p) => format!("socket={}", p.display()),
+        }
+    }
+}
+
+fn default_cpus() -> u32 {
+    1
+}
+
+fn default_memory() -> ByteSize {
+    ByteSize(512 << 20)
+}
+
+/// Everything needed to build one VM.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// Linux kernel: a bzImage or an ELF vmlinux (PVH entry).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<PathBuf>,
+    /// Initial ramdisk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<PathBuf>,
+    /// Extra kernel command line, after what the VMM adds.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cmdline: String,
+    /// A raw firmware image mapped at the top of the first 4 GiB; the vCPU starts at the reset
+    /// vector (instead of a kernel).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firmware: Option<PathBuf>,
+    /// Number of vCPUs.
+    #[serde(default = "default_cpus")]
+    pub cpus: u32,
+    /// Guest RAM.
+    #[serde(default = "default_memory")]
+    pub memory: ByteSize,
+    /// COM1 backend.
+    #[serde(default)]
+    pub serial: SerialConfig,
+    /// Expose the host PMU (performance counters) to the guest.
+    #[serde(default)]
+    pub pmu: bool,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        VmConfig {
+            kernel: None,
+            initrd: None,
+            cmdline: String::new(),
+            firmware: None,
+            cpus: default_cpus(),
+            memory: default_memory(),
+            serial: SerialConfig::default(),
+            pmu: false,
+        }
+    }
+}
+
+/// What the host can give, as far as validation is concerned.
+#[derive(Clone, Copy, Debug)]
+pub struct HostLimits {
+    /// KVM's vCPU limit (`KVM_CAP_MAX_VCPUS`).
+    pub max_vcpus: u32,
+    /// The host's RAM in bytes.
+    pub host_memory: u64,
+}
+
+/// What kind of kernel image a file is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelFormat {
+    /// bzImage (64-bit Linux boot protocol).
+    BzImage,
+    /// ELF vmlinux (PVH entry when present).
+    Elf,
+}
+
+/// Longest command line we pass (x86's `COMMAND_LINE_SIZE`).
+pub const CMDLINE_MAX: usize = 2048;
+
+impl VmConfig {
+    /// Reads a JSON config file.
+    pub fn from_file(path: &Path) -> Result<VmConfig, ConfigError> {
+        let cfg_err = |reason: String| ConfigError::ConfigFile {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| cfg_err(e.to_string()))?;
+        serde_json::from_str(&text).map_err(|e| cfg_err(e.to_string()))
+    }
+
+    /// Checks everything that can be checked before touching KVM. Returns the kernel format
+    /// when a kernel is given.
+    pub fn validate(&self, host: &HostLimits) -> Result<Option<KernelFormat>, ConfigError> {
+        if self.cpus == 0 {
+            return Err(ConfigError::NoCpus);
+        }
+        let max = host.max_vcpus.min(MAX_VCPUS_GUEST);
+        if self.cpus > max {
+            return Err(ConfigError::TooManyCpus {
+                requested: self.cpus,
+                max,
+            });
+        }
+        if self.memory.0 < MIN_MEMORY {
+            return Err(ConfigError::MemoryTooSmall(self.memory));
+        }
+        if self.memory.0 % 4096 != 0 {
+            return Err(ConfigError::MemoryUnaligned(self.memory));
+        }
+        if self.memory.0 > host.host_memory {
+            return Err(ConfigError::MemoryTooLarge {
+                requested: self.memory,
+                host: ByteSize(host.host_memory),
+            });
+        }
+        if let SerialConfig::Socket(p) = &self.serial {
+            if p.symlink_metadata().is_ok() {
+                return Err(ConfigError::SerialSocketExists(p.clone()));
+            }
+        }
+        match (&self.kernel, &self.firmware) {
+            (None, None) => Err(ConfigError::NothingToBoot),
+            (Some(_), Some(_)) => Err(ConfigError::KernelAndFirmware),
+            (None, Some(fw)) => {
+                if self.initrd.is_some() || !self.cmdline.is_empty() {
+                    return Err(ConfigError::BootArgsWithoutKernel);
+                }
+                let size = check_file("firmware", fw)?;
+                if size == 0 || size % 4096 != 0 || size > MAX_FIRMWARE_SIZE {
+                    return Err(ConfigError::FirmwareSize {
+                        path: fw.clone(),
+                        size,
+                    });
+                }
+                Ok(None)
+            }
+            (Some(kernel), None) => {
+                check_file("kernel", kernel)?;
+                let format = kernel_format(kernel)?;
+                if let Some(initrd) = &self.initrd {
+                    check_file("initrd", initrd)?;
+                }
+                // What the VMM adds stays well under 200 bytes.
+                if self.cmdline.len() + 200 > CMDLINE_MAX {
+                    return Err(ConfigError::CmdlineTooLong {
+                        len: self.cmdline.len(),
+                        max: CMDLINE_MAX - 200,
+                    });
+                }
+                Ok(Some(format))
+            }
+        }
+    }
+}
+
+/// Opens `path` for reading (so permission problems show now) and returns its size.
+fn check_file(what: &'static str, path: &Path) -> Result<u64, ConfigError> {
+    let err = |reason: String| ConfigError::File {
+        what,
+        path: path.to_path_buf(),
+        reason,
+    };
+    let f = std::fs::File::open(path).map_err(|e| err(io_reason(&e)))?;
+    let md = f.metadata().map_err(|e| err(io_reason(&e)))?;
+    if !md.is_file() {
+        return Err(err("not a regular file".into()));
+    }
+    Ok(md.len())
+}
+
+fn io_reason(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => "no such file".into(),
+        std::io::ErrorKind::PermissionDenied => "permission denied".into(),
+        _ => e.to_string(),
+    }
+}
+
+/// Tells a bzImage from an x86-64 ELF by their headers.
+pub fn kernel_format(path: &Path) -> Result<KernelFormat, ConfigError> {
+    use std::io::Read;
+    let mut head = [0u8; 0x210];
+    let mut f = std::fs::File::open(path).map_err(|e| ConfigError::File {
+        what: "kernel",
+        path: path.to_path_buf(),
+        reason: io_reason(&e),
+    })?;
+    let mut n = 0;
+    while n < head.len() {
+        match f.read(&mut head[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) => {
+                return Err(ConfigError::File {
+                    what: "kernel",
+                    path: path.to_path_buf(),
+                    reason: e.to_string(),
+                })
+            }
+        }
+    }
+    format_of(&head[..n]).ok_or_else(|| ConfigError::NotAKernel(path.to_path_buf()))
+}
+
+/// Recognises a kernel image from its first bytes.
+pub fn format_of(head: &[u8]) -> Option<KernelFormat> {
+    // ELF64, little endian, EM_X86_64 (62).
+    if head.len() >= 20 && head[..4] == *b"\x7fELF" && head[4] == 2 && head[5] == 1 {
+        let machine = u16::from_le_bytes([head[18], head[19]]);
+        return (machine == 62).then_some(KernelFormat::Elf);
+    }
+    // bzImage: "HdrS" at 0x202 and the boot sector signature.
+    if head.len() >= 0x206 && head[0x202..0x206] == *b"HdrS" && head[0x1fe..0x200] == [0x55, 0xaa]
+    {
+        return Some(KernelFormat::BzImage);
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOST: HostLimits = HostLimits {
+        max_vcpus: 16,
+        host_memory: 8 << 30,
+    };
+
+    fn tmpfile(name: &str, bytes: &[u8]) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("fv-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join(name);
+        std::fs::write(&p, bytes).unwrap();
+        p
+    }
+
+    fn fake_bzimage() -> Vec<u8> {
+        let mut v = vec![0u8; 0x400];
+        v[0x1fe] = 0x55;
+        v[0x1ff] = 0xaa;
+        v[0x202..0x206].copy_from_slice(b"HdrS");
+        v
+    }
+
+    #[test]
+    fn sizes_parse_and_print() {
+        assert_eq!("512M".parse::<ByteSize>().unwrap().0, 512 << 20);
+        assert_eq!("2G".parse::<ByteSize>().unwrap().0, 2 << 30);
+        assert_eq!("2g".parse::<ByteSize>().unwrap().0, 2 << 30);
+        assert_eq!("4096".parse::<ByteSize>().unwrap().0, 4096);
+        assert_eq!("1KiB".parse::<ByteSize>().unwrap().0, 1024);
+        for bad in ["", "M", "12X", "-1G", "1.5G", "99999999999999999999", "16777216T"] {
+            let e = bad.parse::<ByteSize>().unwrap_err().to_string();
+            assert!(e.contains(&format!("{bad:?}")), "{e}");
+        }
+        assert_eq!(ByteSize(512 << 20).to_string(), "512M");
+        assert_eq!(ByteSize(3 << 30).to_string(), "3G");
+        assert_eq!(ByteSize(1000).to_string(), "1000");
+    }
+
+    #[test]
+    fn serial_parses() {
+        assert_eq!("stdio".parse::<SerialConfig>().unwrap(), SerialConfig::Stdio);
+        assert_eq!("null".parse::<SerialConfig>().unwrap(), SerialConfig::Null);
+        assert_eq!(
+            "file=/tmp/x".parse::<SerialConfig>().unwrap(),
+            SerialConfig::File("/tmp/x".into())
+        );
+        assert_eq!(
+            "socket=/tmp/s".parse::<SerialConfig>().unwrap(),
+            SerialConfig::Socket("/tmp/s".into())
+        );
+        for bad in ["tty", "file=", "socket", ""] {
+            assert!(bad.parse::<SerialConfig>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn json_round_trip_and_unknown_fields() {
+        let cfg: VmConfig = serde_json::from_str(
+            r#"{"kernel":"/k","cpus":2,"memory":"1G","serial":"file=/tmp/o","cmdline":"quiet"}"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.cpus, 2);
+        assert_eq!(cfg.memory.0, 1 << 30);
+        let back: VmConfig = serde_json::from_str(&serde_json::to_string(&cfg).unwrap()).unwrap();
+        assert_eq!(back, cfg);
+        let bytes: VmConfig = serde_json::from_str(r#"{"kernel":"/k","memory":1073741824}"#).unwrap();
+        assert_eq!(bytes.memory.0, 1 << 30);
+        let e = serde_json::from_str::<VmConfig>(r#"{"kernel":"/k","cpu":2}"#).unwrap_err();
+        assert!(e.to_string().contains("unknown field `cpu`"), "{e}");
+        let e = serde_json::from_str::<VmConfig>(r#"{"kernel":"/k","memory":"lots"}"#).unwrap_err();
+        assert!(e.to_string().contains("lots"), "{e}");
+    }
+
+    #[test]
+    fn validation_errors_name_the_value() {
+        let k = tmpfile("bz", &fake_bzimage());
+        let base = VmConfig {
+            kernel: Some(k.clone()),
+            ..Default::default()
+        };
+        assert_eq!(base.validate(&HOST).unwrap(), Some(KernelFormat::BzImage));
+
+        let e = VmConfig { cpus: 0, ..base.clone() }.validate(&HOST).unwrap_err();
+        assert!(matches!(e, ConfigError::NoCpus));
+        let e = VmConfig { cpus: 17, ..base.clone() }.validate(&HOST).unwrap_err();
+        assert!(e.to_string().contains("17") && e.to_string().contains("16"), "{e}");
+        let e = VmConfig {
+            memory: ByteSize(16 << 30),
+            ..base.clone()
+        }
+        .validate(&HOST)
+        .unwrap_err();
+        assert!(e.to_string().contains("16G") && e.to_string().contains("8G"), "{e}");
+        let e = VmConfig {
+            memory: ByteSize(1 << 20),
+            ..base.clone()
+        }
+        .validate(&HOST)
+        .unwrap_err();
+        assert!(e.to_string().contains("1M"), "{e}");
+        let e = VmConfig {
+            memory: ByteSize((64 << 20) + 1),
+            ..base.clone()
+        }
+        .validate(&HOST)
+        .unwrap_err();
+        assert!(matches!(e, ConfigError::MemoryUnaligned(_)));
+
+        let missing = PathBuf::from("/nonexistent/vmlinuz");
+        let e = VmConfig {
+            kernel: Some(missing.clone()),
+            ..base.clone()
+        }
+        .validate(&HOST)
+        .unwrap_err();
+        assert_eq!(e.to_string(), "kernel /nonexistent/vmlinuz: no such file");
+
+        let junk = tmpfile("junk", b"this is not a kernel");
+        let e = VmConfig {
+            kernel: Some(junk.clone()),
+            ..base.clone()
+        }
+        .validate(&HOST)
+        .unwrap_err();
+        assert!(e.to_string().contains("not a Linux kernel"), "{e}");
+
+        let e = VmConfig {
+            initrd: Some(missing),
+            ..base.clone()
+        }
+        .validate(&HOST)
+        .unwrap_err();
+        assert!(e.to_string().starts_with("initrd /nonexistent"), "{e}");
+
+        let e = VmConfig {
+            cmdline: "x".repeat(4000),
+            ..base.clone()
+        }
+        .validate(&HOST)
+        .unwrap_err();
+        assert!(matches!(e, ConfigError::CmdlineTooLong { .. }));
+
+        let e = VmConfig { kernel: None, ..base.clone() }.validate(&HOST).unwrap_err();
+        assert!(matches!(e, ConfigError::NothingToBoot));
+
+        let sock = tmpfile("sock-taken", b"");
+        let e = VmConfig {
+            serial: SerialConfig::Socket(sock),
+            ..base.clone()
+        }
+        .validate(&HOST)
+        .unwrap_err();
+        assert!(matches!(e, ConfigError::SerialSocketExists(_)));
+    }
+
+    #[test]
+    fn firmware_validation() {
+        let fw = tmpfile("fw", &[0xf4; 4096]);
+        let cfg = VmConfig {
+            firmware: Some(fw.clone()),
+            ..Default::default()
+        };
+        assert_eq!(cfg.validate(&HOST).unwrap(), None);
+        let odd = tmpfile("fw-odd", &[0xf4; 100]);
+        let e = VmConfig {
+            firmware: Some(odd),
+            ..Default::default()
+        }
+        .validate(&HOST)
+        .unwrap_err();
+        assert!(matches!(e, ConfigError::FirmwareSize { size: 100, .. }));
+        let e = VmConfig {
+            firmware: Some(fw),
+            kernel: Some("/k".into()),
+            ..Default::default()
+        }
+        .validate(&HOST)
+        .unwrap_err();
+        assert!(matches!(e, ConfigError::KernelAndFirmware));
+    }
+
+    #[test]
+    fn recognises_kernel_formats() {
+        assert_eq!(format_of(&fake_bzimage()), Some(KernelFormat::BzImage));
+        let mut elf = vec![0u8; 64];
+        elf[..4].copy_from_slice(b"\x7fELF");
+        elf[4] = 2;
+        elf[5] = 1;
+        elf[18] = 62;
+        assert_eq!(format_of(&elf), Some(KernelFormat::Elf));
+        elf[18] = 183; // aarch64
+        assert_eq!(format_of(&elf), None);
+        assert_eq!(format_of(b"short"), None);
+    }
+}

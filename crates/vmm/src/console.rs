@@ -1,0 +1,223 @@
+//! Serial console backends: where COM1's output goes and where its input comes from.
+
+use crate::config::SerialConfig;
+use crate::terminal::{is_tty, RawModeGuard};
+use crate::vm::VmEvent;
+use devices::legacy::Serial;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Ctrl-A: the console escape key on a terminal (`Ctrl-A x` quits, `Ctrl-A Ctrl-A` sends one).
+pub const ESCAPE: u8 = 0x01;
+
+type SharedStream = Arc<Mutex<Option<UnixStream>>>;
+
+/// The output half, handed to the UART.
+enum Output {
+    Stdout,
+    File(File),
+    Socket(SharedStream),
+    Null,
+}
+
+impl Write for Output {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Output::Stdout => {
+                let mut out = io::stdout().lock();
+                out.write_all(buf)?;
+                out.flush()?;
+            }
+            Output::File(f) => f.write_all(buf)?,
+            Output::Socket(s) => {
+                let mut guard = s.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(stream) = guard.as_mut() {
+                    if stream.write_all(buf).is_err() {
+                        // The client went away: drop it; output is discarded until the next.
+                        *guard = None;
+                    }
+                }
+            }
+            Output::Null => {}
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// An opened console backend.
+pub struct Console {
+    config: SerialConfig,
+    output: Option<Output>,
+    listener: Option<UnixListener>,
+    socket_stream: SharedStream,
+    raw: Option<RawModeGuard>,
+    socket_path: Option<PathBuf>,
+}
+
+/// Errors opening a console backend.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsoleError {
+    /// The output file cannot be opened.
+    #[error("serial output file {path}: {source}")]
+    File {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// The socket cannot be created.
+    #[error("serial socket {path}: {source}")]
+    Socket {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+}
+
+impl Console {
+    /// Opens the backend (creates the file or the listening socket).
+    pub fn open(config: &SerialConfig) -> Result<Console, ConsoleError> {
+        let mut c = Console {
+            config: config.clone(),
+            output: None,
+            listener: None,
+            socket_stream: Arc::new(Mutex::new(None)),
+            raw: None,
+            socket_path: None,
+        };
+        c.output = Some(match config {
+            SerialConfig::Stdio => Output::Stdout,
+            SerialConfig::Null => Output::Null,
+            SerialConfig::File(path) => Output::File(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|source| ConsoleError::File {
+                        path: path.clone(),
+                        source,
+                    })?,
+            ),
+            SerialConfig::Socket(path) => {
+                let l = UnixListener::bind(path).map_err(|source| ConsoleError::Socket {
+                    path: path.clone(),
+                    source,
+                })?;
+                c.socket_path = Some(path.clone());
+                c.listener = Some(l);
+                Output::Socket(c.socket_stream.clone())
+            }
+        });
+        Ok(c)
+    }
+
+    /// Whether the guest should be told to use the serial console (`console=ttyS0`).
+    pub fn wants_kernel_console(&self) -> bool {
+        self.config != SerialConfig::Null
+    }
+
+    /// The writer for the UART (can be taken once).
+    pub fn take_output(&mut self) -> Box<dyn Write + Send> {
+        Box::new(self.output.take().unwrap_or(Output::Null))
+    }
+
+    /// Starts feeding input into `serial` (from the terminal or socket clients). On a terminal,
+    /// switches it to raw mode until the console is dropped; `Ctrl-A x` sends
+    /// [`VmEvent::UserQuit`].
+    pub fn start_input(&mut self, serial: Arc<Mutex<Serial>>, events: Sender<VmEvent>) -> io::Result<()> {
+        match self.config {
+            SerialConfig::Stdio => {
+                let tty = is_tty(0);
+                if tty {
+                    self.raw = Some(RawModeGuard::new(0)?);
+                }
+                spawn("fv-serial-in", move || {
+                    let stdin = io::stdin();
+                    pump(stdin.lock(), &serial, tty.then_some(&events));
+                })?;
+            }
+            SerialConfig::Socket(_) => {
+                if let Some(listener) = self.listener.take() {
+                    let shared = self.socket_stream.clone();
+                    spawn("fv-serial-sock", move || {
+                        for client in listener.incoming() {
+                            let Ok(client) = client else { continue };
+                            let Ok(reader) = client.try_clone() else { continue };
+                            *shared.lock().unwrap_or_else(|e| e.into_inner()) = Some(client);
+                            // One client at a time: serve it until it hangs up.
+                            pump(reader, &serial, None);
+                            *shared.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                        }
+                    })?;
+                }
+            }
+            SerialConfig::File(_) | SerialConfig::Null => {}
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Console {
+    fn drop(&mut self) {
+        self.raw.take();
+        if let Some(p) = &self.socket_path {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> io::Result<()> {
+    std::thread::Builder::new().name(name.into()).spawn(f).map(|_| ())
+}
+
+/// Copies `input` into the UART's receive FIFO, waiting for room when it is full. With
+/// `escape_events`, interprets the `Ctrl-A` escape.
+fn pump(mut input: impl Read, serial: &Mutex<Serial>, escape_events: Option<&Sender<VmEvent>>) {
+    let mut buf = [0u8; 256];
+    let mut escaped = false;
+    loop {
+        let n = match input.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return,
+        };
+        let mut data: Vec<u8> = Vec::with_capacity(n);
+        for &b in &buf[..n] {
+            match (escape_events, escaped, b) {
+                (Some(_), false, ESCAPE) => escaped = true,
+                (Some(ev), true, b'x' | b'X') => {
+                    let _ = ev.send(VmEvent::UserQuit);
+                    return;
+                }
+                (Some(_), true, _) => {
+                    escaped = false;
+                    data.push(b);
+                }
+                _ => data.push(b),
+            }
+        }
+        let mut pos = 0;
+        while pos < data.len() {
+            let k = serial
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .enqueue_input(&data[pos..])
+                .unwrap_or(0);
+            pos += k;
+            if k == 0 {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+    }
+}

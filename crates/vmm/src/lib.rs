@@ -1,0 +1,14 @@
+//! Ferrovisor's VMM: one VM on `/dev/kvm` — guest memory, vCPUs, boot, devices, lifecycle.
+#![deny(missing_docs)]
+
+pub mod boot;
+pub mod config;
+pub mod console;
+pub mod cpu;
+pub mod kvm;
+pub mod memory;
+pub mod terminal;
+pub mod vm;
+
+pub use config::VmConfig;
+pub use vm::{ExitReason, Vm, VmError, VmOutcome};

@@ -1,0 +1,446 @@
+//! One VM: built from a validated [`VmConfig`], run until the guest or the host ends it.
+//!
+//! States: Created (built, nothing running) → Running ⇄ Paused → Stopped. [`Vm::build`] gives a
+//! Created VM; [`Vm::run`] runs it to Stopped and returns why it stopped.
+
+use crate::boot::acpi::{self, ACPI_PM_PORT, COM1_IRQ, COM1_PORT, PVPANIC_PORT};
+use crate::boot::{self, LinuxBoot};
+use crate::config::{ConfigError, HostLimits, SerialConfig, VmConfig, MAX_VCPUS_GUEST};
+use crate::console::{Console, ConsoleError};
+use crate::cpu::regs::{BootEntry, RegsError};
+use crate::cpu::{self, ExitCounts, RunControl, Vcpu, VcpuSetup, VcpuStats};
+use crate::kvm::{self, KvmError, KvmFlavour, PVM_HINT};
+use crate::memory::{self, KVM_IDENTITY_MAP_START, KVM_TSS_START};
+use devices::legacy::{AcpiPm, PvPanic, Serial, I8042, ACPI_PM_LEN};
+use devices::{Bus, Interrupt, VmRequest, VmRequestFn};
+use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VmFd};
+use std::path::Path;
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::signal::Killable;
+
+/// Exit status: the guest powered off or rebooted, or the host stopped it cleanly.
+pub const EXIT_OK: i32 = 0;
+/// Exit status: the VMM could not set the VM up (bad input, host problem).
+pub const EXIT_SETUP_ERROR: i32 = 1;
+/// Exit status: the guest kernel panicked (pvpanic or KVM crash event).
+pub const EXIT_GUEST_PANIC: i32 = 3;
+/// Exit status: KVM could not run the guest (internal error, triple fault, failed entry).
+pub const EXIT_GUEST_FAULT: i32 = 4;
+
+/// Something that ends (or changes) the running VM, from a device, a vCPU or the host.
+#[derive(Debug)]
+pub enum VmEvent {
+    /// A device or KVM system event.
+    Request(VmRequest),
+    /// A vCPU could not go on.
+    Fault(Box<FaultReport>),
+    /// The host asked us to stop (SIGINT, SIGTERM, SIGHUP).
+    Signal(i32),
+    /// The user typed the console's quit escape.
+    UserQuit,
+}
+
+/// Why a vCPU stopped the VM, with what the user needs to understand it.
+#[derive(Debug, Clone)]
+pub struct FaultReport {
+    /// Which vCPU.
+    pub vcpu: u32,
+    /// What happened.
+    pub kind: String,
+    /// Its registers at that point.
+    pub registers: String,
+    /// What to do about it.
+    pub hint: Option<String>,
+}
+
+impl std::fmt::Display for FaultReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "vCPU {}: {}", self.vcpu, self.kind)?;
+        writeln!(f, "{}", self.registers)?;
+        if let Some(h) = &self.hint {
+            write!(f, "hint: {h}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Why the VM stopped.
+#[derive(Debug, Clone)]
+pub enum ExitReason {
+    /// The guest powered off.
+    Poweroff,
+    /// The guest rebooted (the VM ends; a supervisor may start it again).
+    Reset,
+    /// The guest kernel panicked.
+    Panic,
+    /// KVM could not run the guest.
+    Fault(Box<FaultReport>),
+    /// The host stopped it (signal number, or `None` for the console's quit key).
+    Stopped(Option<i32>),
+}
+
+impl ExitReason {
+    /// The process exit status this reason maps to.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ExitReason::Poweroff | ExitReason::Reset | ExitReason::Stopped(_) => EXIT_OK,
+            ExitReason::Panic => EXIT_GUEST_PANIC,
+            ExitReason::Fault(_) => EXIT_GUEST_FAULT,
+        }
+    }
+
+    /// Short description.
+    pub fn describe(&self) -> String {
+        match self {
+            ExitReason::Poweroff => "guest powered off".into(),
+            ExitReason::Reset => "guest rebooted".into(),
+            ExitReason::Panic => "guest kernel panicked".into(),
+            ExitReason::Fault(f) => format!("guest fault on vCPU {}: {}", f.vcpu, f.kind),
+            ExitReason::Stopped(Some(sig)) => format!("stopped by signal {sig}"),
+            ExitReason::Stopped(None) => "stopped from the console".into(),
+        }
+    }
+}
+
+/// What [`Vm::run`] returns.
+#[derive(Debug)]
+pub struct VmOutcome {
+    /// Why it stopped.
+    pub reason: ExitReason,
+    /// vCPU exits, summed over vCPUs.
+    pub exits: ExitCounts,
+    /// How long the guest ran.
+    pub run_time: Duration,
+}
+
+/// Errors building or starting a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// Bad configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Host KVM problem.
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+    /// Guest memory.
+    #[error(transparent)]
+    Memory(#[from] memory::MemoryError),
+    /// Kernel/initrd loading.
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    /// ACPI tables.
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
+    /// vCPU set-up.
+    #[error(transparent)]
+    Vcpu(#[from] RegsError),
+    /// Console backend.
+    #[error(transparent)]
+    Console(#[from] ConsoleError),
+    /// A device could not be wired.
+    #[error("device set-up: {0}")]
+    Device(String),
+    /// An OS-level failure (threads, signals, files).
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm(KvmError::Ioctl { op, source })
+}
+
+/// What the host can give, probed without failing: KVM's vCPU limit when `/dev/kvm` opens.
+pub fn probe_host_limits(kvm_path: &Path) -> HostLimits {
+    let max_vcpus = Kvm::new_with_path(kvm::c_path(kvm_path))
+        .map(|k| k.get_max_vcpus() as u32)
+        .unwrap_or(MAX_VCPUS_GUEST);
+    HostLimits {
+        max_vcpus,
+        host_memory: kvm::host_memory(),
+    }
+}
+
+/// A built VM, not yet running.
+pub struct Vm {
+    // Field order matters for drop: vCPUs and the VM fd go before guest memory.
+    vcpus: Vec<Vcpu>,
+    _vm_fd: VmFd,
+    _kvm: Kvm,
+    mem: GuestMemoryMmap,
+    _firmware: Option<GuestMemoryMmap>,
+    console: Console,
+    serial: Arc<Mutex<Serial>>,
+    events_tx: Sender<VmEvent>,
+    events_rx: Receiver<VmEvent>,
+    control: Arc<RunControl>,
+    flavour: KvmFlavour,
+    started: Instant,
+}
+
+/// The command line the VMM puts before the user's.
+pub fn base_cmdline(kernel_console: bool) -> &'static str {
+    if kernel_console {
+        "console=ttyS0"
+    } else {
+        ""
+    }
+}
+
+impl Vm {
+    /// Validates `config`, opens KVM and builds the VM (memory, devices, boot image, vCPUs).
+    /// `started` is when the process started, for start-up timing.
+    pub fn build(config: &VmConfig, kvm_path: &Path, started: Instant) -> Result<Vm, VmError> {
+        let limits = probe_host_limits(kvm_path);
+        let kernel_format = config.validate(&limits)?;
+        let kvm = kvm::open_kvm(kvm_path)?;
+        let flavour = KvmFlavour::detect();
+        if config.kernel.is_some() && !flavour.runs_stock_kernels() {
+            tracing::warn!("{PVM_HINT}");
+        }
+
+        let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        vm_fd
+            .set_identity_map_address(KVM_IDENTITY_MAP_START)
+            .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
+        vm_fd
+            .set_tss_address(KVM_TSS_START as usize)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        vm_fd.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        vm_fd
+            .create_pit2(kvm_pit_config {
+                flags: KVM_PIT_SPEAKER_DUMMY,
+                ..Default::default()
+            })
+            .map_err(kvm_err("KVM_CREATE_PIT2"))?;
+
+        let mem = memory::create_guest_memory(config.memory.0)?;
+        let mut next_slot =
+            memory::register_with_kvm(&vm_fd, &mem, 0).map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        let firmware = match &config.firmware {
+            Some(path) => {
+                let image = std::fs::read(path).map_err(|e| {
+                    VmError::Config(ConfigError::File {
+                        what: "firmware",
+                        path: path.clone(),
+                        reason: e.to_string(),
+                    })
+                })?;
+                let fw = memory::create_firmware_memory(&image)?;
+                next_slot = memory::register_with_kvm(&vm_fd, &fw, next_slot)
+                    .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION (firmware)"))?;
+                Some(fw)
+            }
+            None => None,
+        };
+        let _ = next_slot;
+
+        // Devices.
+        let (events_tx, events_rx) = channel();
+        let tx = Mutex::new(events_tx.clone());
+        let sink: VmRequestFn = Arc::new(move |r| {
+            let _ = tx.lock().unwrap_or_else(|e| e.into_inner()).send(VmEvent::Request(r));
+        });
+        let mut console = Console::open(&config.serial)?;
+        let serial_irq = Interrupt::new().map_err(|source| VmError::Io {
+            what: "creating the serial interrupt eventfd",
+            source,
+        })?;
+        vm_fd
+            .register_irqfd(serial_irq.eventfd(), COM1_IRQ)
+            .map_err(kvm_err("KVM_IRQFD (COM1)"))?;
+        let serial = Arc::new(Mutex::new(Serial::new(serial_irq, console.take_output())));
+        let mut pio = Bus::new();
+        let dev_err = |e: devices::BusError| VmError::Device(e.to_string());
+        pio.insert(serial.clone(), u64::from(COM1_PORT), 8).map_err(dev_err)?;
+        pio.insert(Arc::new(Mutex::new(I8042::new(sink.clone()))), 0x60, 5)
+            .map_err(dev_err)?;
+        pio.insert(Arc::new(Mutex::new(PvPanic::new(sink.clone()))), u64::from(PVPANIC_PORT), 1)
+            .map_err(dev_err)?;
+        pio.insert(Arc::new(Mutex::new(AcpiPm::new(sink))), u64::from(ACPI_PM_PORT), ACPI_PM_LEN)
+            .map_err(dev_err)?;
+        let pio = Arc::new(pio);
+        let mmio = Arc::new(Bus::new());
+
+        // Boot image.
+        let entry = match (&config.kernel, kernel_format) {
+            (Some(kernel), Some(format)) => {
+                let rsdp = acpi::create_acpi_tables(&mem, config.cpus, &[])?;
+                let base = base_cmdline(console.wants_kernel_console());
+                let cmdline = match (base.is_empty(), config.cmdline.trim().is_empty()) {
+                    (_, true) => base.to_string(),
+                    (true, false) => config.cmdline.trim().to_string(),
+                    (false, false) => format!("{base} {}", config.cmdline.trim()),
+                };
+                boot::load_linux(
+                    &mem,
+                    &LinuxBoot {
+                        kernel,
+                        format,
+                        initrd: config.initrd.as_deref(),
+                        cmdline: &cmdline,
+                        mem_size: config.memory.0,
+                        rsdp,
+                    },
+                )?
+            }
+            _ => BootEntry::ResetVector,
+        };
+
+        // vCPUs.
+        let host_cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let hint = if flavour.runs_stock_kernels() {
+            Some("the guest stopped before it could report a panic; add `earlyprintk=ttyS0` to --cmdline to see how far it got, and check the kernel is an x86-64 Linux kernel")
+        } else {
+            Some(PVM_HINT)
+        };
+        let setup = VcpuSetup {
+            host_cpuid: &host_cpuid,
+            vcpu_count: config.cpus,
+            pmu: config.pmu,
+            entry,
+            mem: &mem,
+        };
+        let mut vcpus = Vec::with_capacity(config.cpus as usize);
+        for id in 0..config.cpus {
+            let fd = vm_fd
+                .create_vcpu(u64::from(id))
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            vcpus.push(Vcpu::new(id, fd, &setup, pio.clone(), mmio.clone(), hint)?);
+        }
+
+        Ok(Vm {
+            vcpus,
+            _vm_fd: vm_fd,
+            _kvm: kvm,
+            mem,
+            _firmware: firmware,
+            console,
+            serial,
+            events_tx,
+            events_rx,
+            control: Arc::new(RunControl::default()),
+            flavour,
+            started,
+        })
+    }
+
+    /// The KVM flavour the VM runs on.
+    pub fn flavour(&self) -> KvmFlavour {
+        self.flavour
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// Runs the VM until the guest powers off, reboots, panics or faults, or the host stops it
+    /// (SIGINT, SIGTERM, SIGHUP, the console's `Ctrl-A x`).
+    pub fn run(mut self) -> Result<VmOutcome, VmError> {
+        let io_err = |what| move |source| VmError::Io { what, source };
+        cpu::install_kick_handler().map_err(io_err("installing the vCPU kick handler"))?;
+        let mut signals = signal_hook::iterator::Signals::new([
+            signal_hook::consts::SIGINT,
+            signal_hook::consts::SIGTERM,
+            signal_hook::consts::SIGHUP,
+        ])
+        .map_err(io_err("installing signal handlers"))?;
+        let signal_handle = signals.handle();
+        let tx = self.events_tx.clone();
+        std::thread::Builder::new()
+            .name("fv-signals".into())
+            .spawn(move || {
+                if let Some(sig) = signals.forever().next() {
+                    let _ = tx.send(VmEvent::Signal(sig));
+                }
+            })
+            .map_err(io_err("starting the signal thread"))?;
+
+        self.console
+            .start_input(self.serial.clone(), self.events_tx.clone())
+            .map_err(io_err("starting serial input"))?;
+
+        let run_start = Instant::now();
+        let mut threads: Vec<(JoinHandle<()>, Arc<VcpuStats>)> = Vec::new();
+        for vcpu in self.vcpus.drain(..) {
+            let stats = vcpu.stats();
+            let ctl = self.control.clone();
+            let tx = self.events_tx.clone();
+            let name = format!("fv-vcpu-{}", vcpu.id());
+            let handle = std::thread::Builder::new()
+                .name(name)
+                .spawn(move || vcpu.run(ctl, tx))
+                .map_err(io_err("starting a vCPU thread"))?;
+            threads.push((handle, stats));
+        }
+        tracing::info!(
+            "vCPUs started {:.1} ms after process start",
+            self.started.elapsed().as_secs_f64() * 1000.0
+        );
+
+        let reason = match self.events_rx.recv() {
+            Ok(VmEvent::Request(VmRequest::Poweroff)) => ExitReason::Poweroff,
+            Ok(VmEvent::Request(VmRequest::Reset)) => ExitReason::Reset,
+            Ok(VmEvent::Request(VmRequest::Panic)) => ExitReason::Panic,
+            Ok(VmEvent::Fault(f)) => ExitReason::Fault(f),
+            Ok(VmEvent::Signal(sig)) => ExitReason::Stopped(Some(sig)),
+            Ok(VmEvent::UserQuit) => ExitReason::Stopped(None),
+            // Every sender gone: all vCPUs ended without saying why (cannot happen: a vCPU
+            // only leaves its loop after sending an event or when asked to stop).
+            Err(_) => ExitReason::Stopped(None),
+        };
+        let run_time = run_start.elapsed();
+        signal_handle.close();
+        self.stop_vcpus(&threads);
+        let mut exits = ExitCounts::default();
+        for (_, stats) in &threads {
+            exits.add(&stats.snapshot());
+        }
+        Ok(VmOutcome {
+            reason,
+            exits,
+            run_time,
+        })
+    }
+
+    /// Stops every vCPU thread: sets the stop flag, then kicks the threads until they have
+    /// left `KVM_RUN` (a kick can race with a thread entering it, so it is repeated).
+    fn stop_vcpus(&self, threads: &[(JoinHandle<()>, Arc<VcpuStats>)]) {
+        self.control.request_stop();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let mut alive = 0;
+            for (h, _) in threads {
+                if !h.is_finished() {
+                    alive += 1;
+                    let _ = h.kill(cpu::kick_signal());
+                }
+            }
+            if alive == 0 {
+                break;
+            }
+            if Instant::now() > deadline {
+                tracing::warn!("{alive} vCPU thread(s) did not stop within 5 s");
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+/// Whether a serial config will take over the terminal.
+pub fn uses_terminal(s: &SerialConfig) -> bool {
+    matches!(s, SerialConfig::Stdio)
+}

@@ -1,0 +1,210 @@
+//! `ferrovisor`: the command-line entry point. Subcommands only; the work is in the crates.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+use vmm::config::{ByteSize, SerialConfig, VmConfig};
+use vmm::kvm::{KvmFlavour, KVM_PATH, PVM_HINT};
+use vmm::vm::{ExitReason, Vm, EXIT_SETUP_ERROR};
+
+#[derive(Parser)]
+#[command(name = "ferrovisor", version, about = "A KVM hypervisor: run and manage virtual machines")]
+struct Cli {
+    /// Log level: error, warn, info, debug, trace (or a tracing filter).
+    #[arg(long, global = true, default_value = "warn", env = "FERROVISOR_LOG")]
+    log_level: String,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one VM in the foreground, its serial console on this terminal.
+    Run(RunArgs),
+    /// Describe this host's KVM: flavour, limits, whether stock kernels can run.
+    Host {
+        /// KVM device.
+        #[arg(long, env = "FERROVISOR_KVM", default_value = KVM_PATH)]
+        kvm: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Linux kernel: bzImage or ELF vmlinux.
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Initial ramdisk.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Kernel command line, appended after what the VMM adds (console=ttyS0).
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// Raw firmware image mapped below 4 GiB, started at the reset vector (instead of --kernel).
+    #[arg(long)]
+    firmware: Option<PathBuf>,
+    /// Number of vCPUs [default: 1].
+    #[arg(long)]
+    cpus: Option<u32>,
+    /// Guest memory, e.g. 512M, 2G [default: 512M].
+    #[arg(long, value_parser = parse_size)]
+    memory: Option<ByteSize>,
+    /// Serial console: stdio, null, file=PATH, socket=PATH [default: stdio].
+    #[arg(long, value_parser = parse_serial)]
+    serial: Option<SerialConfig>,
+    /// Expose the host's performance counters (PMU) to the guest.
+    #[arg(long)]
+    pmu: bool,
+    /// A VmConfig JSON file; flags given on the command line override its fields.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// KVM device.
+    #[arg(long, env = "FERROVISOR_KVM", default_value = KVM_PATH)]
+    kvm: PathBuf,
+}
+
+fn parse_size(s: &str) -> Result<ByteSize, String> {
+    s.parse().map_err(|e: vmm::config::ConfigError| e.to_string())
+}
+
+fn parse_serial(s: &str) -> Result<SerialConfig, String> {
+    s.parse().map_err(|e: vmm::config::ConfigError| e.to_string())
+}
+
+impl RunArgs {
+    fn to_config(&self) -> anyhow::Result<VmConfig> {
+        let mut cfg = match &self.config {
+            Some(path) => VmConfig::from_file(path)?,
+            None => VmConfig::default(),
+        };
+        if let Some(k) = &self.kernel {
+            cfg.kernel = Some(k.clone());
+        }
+        if let Some(i) = &self.initrd {
+            cfg.initrd = Some(i.clone());
+        }
+        if let Some(c) = &self.cmdline {
+            cfg.cmdline = c.clone();
+        }
+        if let Some(f) = &self.firmware {
+            cfg.firmware = Some(f.clone());
+        }
+        if let Some(n) = self.cpus {
+            cfg.cpus = n;
+        }
+        if let Some(m) = self.memory {
+            cfg.memory = m;
+        }
+        if let Some(s) = &self.serial {
+            cfg.serial = s.clone();
+        }
+        cfg.pmu |= self.pmu;
+        Ok(cfg)
+    }
+}
+
+fn init_logging(level: &str, format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn run(args: &RunArgs, started: Instant) -> anyhow::Result<u8> {
+    let config = args.to_config()?;
+    let vm = Vm::build(&config, &args.kvm, started)?;
+    let outcome = vm.run().context("running the VM")?;
+    let e = &outcome.exits;
+    tracing::info!(
+        "exits: total={} io_in={} io_out={} mmio_read={} mmio_write={} unhandled_pio={} unhandled_mmio={} hlt={} interrupted={} other={}",
+        e.total(), e.io_in, e.io_out, e.mmio_read, e.mmio_write, e.unhandled_pio,
+        e.unhandled_mmio, e.hlt, e.interrupted, e.other
+    );
+    match &outcome.reason {
+        ExitReason::Fault(report) => {
+            eprintln!("ferrovisor: the guest could not run: {report}");
+        }
+        ExitReason::Panic => eprintln!("ferrovisor: the guest kernel panicked"),
+        other => tracing::info!("{} after {:.2} s", other.describe(), outcome.run_time.as_secs_f64()),
+    }
+    Ok(outcome.reason.exit_code() as u8)
+}
+
+fn host(kvm: &std::path::Path, json: bool) -> anyhow::Result<u8> {
+    let flavour = KvmFlavour::detect();
+    let opened = vmm::kvm::open_kvm(kvm);
+    let limits = vmm::vm::probe_host_limits(kvm);
+    let (usable, error) = match &opened {
+        Ok(_) => (true, None),
+        Err(e) => (false, Some(e.to_string())),
+    };
+    if json {
+        let v = serde_json::json!({
+            "kvm_path": kvm,
+            "kvm_usable": usable,
+            "kvm_error": error,
+            "flavour": match flavour {
+                KvmFlavour::Intel | KvmFlavour::Amd => "hardware",
+                KvmFlavour::Pvm => "pvm",
+                KvmFlavour::Unknown => "unknown",
+            },
+            "module": flavour.name(),
+            "runs_stock_kernels": usable && flavour.runs_stock_kernels(),
+            "max_vcpus": limits.max_vcpus,
+            "host_memory": limits.host_memory,
+            "host_cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        });
+        println!("{v:#}");
+    } else {
+        println!("KVM device:   {}", kvm.display());
+        match &error {
+            None => println!("KVM usable:   yes"),
+            Some(e) => println!("KVM usable:   no: {e}"),
+        }
+        println!("KVM flavour:  {flavour}");
+        println!("max vCPUs:    {}", limits.max_vcpus);
+        println!("host memory:  {}", ByteSize(limits.host_memory));
+        if !flavour.runs_stock_kernels() {
+            println!("note:         {PVM_HINT}");
+        }
+    }
+    Ok(if usable { 0 } else { 1 })
+}
+
+fn main() -> ExitCode {
+    let started = Instant::now();
+    let cli = Cli::parse();
+    init_logging(&cli.log_level, cli.log_format);
+    let result = match &cli.command {
+        Command::Run(args) => run(args, started),
+        Command::Host { kvm, json } => host(kvm, *json),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("ferrovisor: error: {e:#}");
+            ExitCode::from(EXIT_SETUP_ERROR as u8)
+        }
+    }
+}
