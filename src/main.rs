@@ -10,7 +10,11 @@ use vmm::kvm::{KvmFlavour, KVM_PATH, PVM_HINT};
 use vmm::vm::{ExitReason, Vm, EXIT_SETUP_ERROR};
 
 #[derive(Parser)]
-#[command(name = "ferrovisor", version, about = "A KVM hypervisor: run and manage virtual machines")]
+#[command(
+    name = "ferrovisor",
+    version,
+    about = "A KVM hypervisor: run and manage virtual machines"
+)]
 struct Cli {
     /// Log level: error, warn, info, debug, trace (or a tracing filter).
     #[arg(long, global = true, default_value = "warn", env = "FERROVISOR_LOG")]
@@ -78,11 +82,13 @@ struct RunArgs {
 }
 
 fn parse_size(s: &str) -> Result<ByteSize, String> {
-    s.parse().map_err(|e: vmm::config::ConfigError| e.to_string())
+    s.parse()
+        .map_err(|e: vmm::config::ConfigError| e.to_string())
 }
 
 fn parse_serial(s: &str) -> Result<SerialConfig, String> {
-    s.parse().map_err(|e: vmm::config::ConfigError| e.to_string())
+    s.parse()
+        .map_err(|e: vmm::config::ConfigError| e.to_string())
 }
 
 impl RunArgs {
@@ -146,7 +152,11 @@ fn run(args: &RunArgs, started: Instant) -> anyhow::Result<u8> {
             eprintln!("ferrovisor: the guest could not run: {report}");
         }
         ExitReason::Panic => eprintln!("ferrovisor: the guest kernel panicked"),
-        other => tracing::info!("{} after {:.2} s", other.describe(), outcome.run_time.as_secs_f64()),
+        other => tracing::info!(
+            "{} after {:.2} s",
+            other.describe(),
+            outcome.run_time.as_secs_f64()
+        ),
     }
     Ok(outcome.reason.exit_code() as u8)
 }

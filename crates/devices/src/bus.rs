@@ -159,9 +159,18 @@ mod tests {
         let mut bus = Bus::new();
         let d = || Arc::new(Mutex::new(Recorder::default()));
         bus.insert(d(), 0x100, 0x10).unwrap();
-        assert!(matches!(bus.insert(d(), 0x108, 1), Err(BusError::Overlap { .. })));
-        assert!(matches!(bus.insert(d(), 0xf8, 0x10), Err(BusError::Overlap { .. })));
-        assert!(matches!(bus.insert(d(), 0x200, 0), Err(BusError::InvalidRange { .. })));
+        assert!(matches!(
+            bus.insert(d(), 0x108, 1),
+            Err(BusError::Overlap { .. })
+        ));
+        assert!(matches!(
+            bus.insert(d(), 0xf8, 0x10),
+            Err(BusError::Overlap { .. })
+        ));
+        assert!(matches!(
+            bus.insert(d(), 0x200, 0),
+            Err(BusError::InvalidRange { .. })
+        ));
         assert!(matches!(
             bus.insert(d(), u64::MAX, 2),
             Err(BusError::InvalidRange { .. })

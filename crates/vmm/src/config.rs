@@ -151,7 +151,7 @@ impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let b = self.0;
         for (shift, unit) in [(40, "T"), (30, "G"), (20, "M"), (10, "K")] {
-            if b != 0 && b % (1u64 << shift) == 0 {
+            if b != 0 && b.is_multiple_of(1u64 << shift) {
                 return write!(f, "{}{unit}", b >> shift);
             }
         }
@@ -320,7 +320,7 @@ impl VmConfig {
         if self.memory.0 < MIN_MEMORY {
             return Err(ConfigError::MemoryTooSmall(self.memory));
         }
-        if self.memory.0 % 4096 != 0 {
+        if !self.memory.0.is_multiple_of(4096) {
             return Err(ConfigError::MemoryUnaligned(self.memory));
         }
         if self.memory.0 > host.host_memory {
@@ -342,7 +342,7 @@ impl VmConfig {
                     return Err(ConfigError::BootArgsWithoutKernel);
                 }
                 let size = check_file("firmware", fw)?;
-                if size == 0 || size % 4096 != 0 || size > MAX_FIRMWARE_SIZE {
+                if size == 0 || !size.is_multiple_of(4096) || size > MAX_FIRMWARE_SIZE {
                     return Err(ConfigError::FirmwareSize {
                         path: fw.clone(),
                         size,
@@ -426,8 +426,7 @@ pub fn format_of(head: &[u8]) -> Option<KernelFormat> {
         return (machine == 62).then_some(KernelFormat::Elf);
     }
     // bzImage: "HdrS" at 0x202 and the boot sector signature.
-    if head.len() >= 0x206 && head[0x202..0x206] == *b"HdrS" && head[0x1fe..0x200] == [0x55, 0xaa]
-    {
+    if head.len() >= 0x206 && head[0x202..0x206] == *b"HdrS" && head[0x1fe..0x200] == [0x55, 0xaa] {
         return Some(KernelFormat::BzImage);
     }
     None
@@ -465,7 +464,15 @@ mod tests {
         assert_eq!("2g".parse::<ByteSize>().unwrap().0, 2 << 30);
         assert_eq!("4096".parse::<ByteSize>().unwrap().0, 4096);
         assert_eq!("1KiB".parse::<ByteSize>().unwrap().0, 1024);
-        for bad in ["", "M", "12X", "-1G", "1.5G", "99999999999999999999", "16777216T"] {
+        for bad in [
+            "",
+            "M",
+            "12X",
+            "-1G",
+            "1.5G",
+            "99999999999999999999",
+            "16777216T",
+        ] {
             let e = bad.parse::<ByteSize>().unwrap_err().to_string();
             assert!(e.contains(&format!("{bad:?}")), "{e}");
         }
@@ -476,7 +483,10 @@ mod tests {
 
     #[test]
     fn serial_parses() {
-        assert_eq!("stdio".parse::<SerialConfig>().unwrap(), SerialConfig::Stdio);
+        assert_eq!(
+            "stdio".parse::<SerialConfig>().unwrap(),
+            SerialConfig::Stdio
+        );
         assert_eq!("null".parse::<SerialConfig>().unwrap(), SerialConfig::Null);
         assert_eq!(
             "file=/tmp/x".parse::<SerialConfig>().unwrap(),
@@ -501,7 +511,8 @@ mod tests {
         assert_eq!(cfg.memory.0, 1 << 30);
         let back: VmConfig = serde_json::from_str(&serde_json::to_string(&cfg).unwrap()).unwrap();
         assert_eq!(back, cfg);
-        let bytes: VmConfig = serde_json::from_str(r#"{"kernel":"/k","memory":1073741824}"#).unwrap();
+        let bytes: VmConfig =
+            serde_json::from_str(r#"{"kernel":"/k","memory":1073741824}"#).unwrap();
         assert_eq!(bytes.memory.0, 1 << 30);
         let e = serde_json::from_str::<VmConfig>(r#"{"kernel":"/k","cpu":2}"#).unwrap_err();
         assert!(e.to_string().contains("unknown field `cpu`"), "{e}");
@@ -518,17 +529,33 @@ mod tests {
         };
         assert_eq!(base.validate(&HOST).unwrap(), Some(KernelFormat::BzImage));
 
-        let e = VmConfig { cpus: 0, ..base.clone() }.validate(&HOST).unwrap_err();
+        let e = VmConfig {
+            cpus: 0,
+            ..base.clone()
+        }
+        .validate(&HOST)
+        .unwrap_err();
         assert!(matches!(e, ConfigError::NoCpus));
-        let e = VmConfig { cpus: 17, ..base.clone() }.validate(&HOST).unwrap_err();
-        assert!(e.to_string().contains("17") && e.to_string().contains("16"), "{e}");
+        let e = VmConfig {
+            cpus: 17,
+            ..base.clone()
+        }
+        .validate(&HOST)
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("17") && e.to_string().contains("16"),
+            "{e}"
+        );
         let e = VmConfig {
             memory: ByteSize(16 << 30),
             ..base.clone()
         }
         .validate(&HOST)
         .unwrap_err();
-        assert!(e.to_string().contains("16G") && e.to_string().contains("8G"), "{e}");
+        assert!(
+            e.to_string().contains("16G") && e.to_string().contains("8G"),
+            "{e}"
+        );
         let e = VmConfig {
             memory: ByteSize(1 << 20),
             ..base.clone()
@@ -578,7 +605,12 @@ mod tests {
         .unwrap_err();
         assert!(matches!(e, ConfigError::CmdlineTooLong { .. }));
 
-        let e = VmConfig { kernel: None, ..base.clone() }.validate(&HOST).unwrap_err();
+        let e = VmConfig {
+            kernel: None,
+            ..base.clone()
+        }
+        .validate(&HOST)
+        .unwrap_err();
         assert!(matches!(e, ConfigError::NothingToBoot));
 
         let sock = tmpfile("sock-taken", b"");

@@ -134,7 +134,11 @@ impl Console {
     /// Starts feeding input into `serial` (from the terminal or socket clients). On a terminal,
     /// switches it to raw mode until the console is dropped; `Ctrl-A x` sends
     /// [`VmEvent::UserQuit`].
-    pub fn start_input(&mut self, serial: Arc<Mutex<Serial>>, events: Sender<VmEvent>) -> io::Result<()> {
+    pub fn start_input(
+        &mut self,
+        serial: Arc<Mutex<Serial>>,
+        events: Sender<VmEvent>,
+    ) -> io::Result<()> {
         match self.config {
             SerialConfig::Stdio => {
                 let tty = is_tty(0);
@@ -152,7 +156,9 @@ impl Console {
                     spawn("fv-serial-sock", move || {
                         for client in listener.incoming() {
                             let Ok(client) = client else { continue };
-                            let Ok(reader) = client.try_clone() else { continue };
+                            let Ok(reader) = client.try_clone() else {
+                                continue;
+                            };
                             *shared.lock().unwrap_or_else(|e| e.into_inner()) = Some(client);
                             // One client at a time: serve it until it hangs up.
                             pump(reader, &serial, None);
@@ -177,7 +183,10 @@ impl Drop for Console {
 }
 
 fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> io::Result<()> {
-    std::thread::Builder::new().name(name.into()).spawn(f).map(|_| ())
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .map(|_| ())
 }
 
 /// Copies `input` into the UART's receive FIFO, waiting for room when it is full. With

@@ -72,16 +72,20 @@ on a host with VT-x/AMD-V (kvm_intel or kvm_amd), or inside the lab: tests/lab/l
 #[derive(Debug, thiserror::Error)]
 pub enum KvmError {
     /// No device node.
-    #[error("{path} does not exist: KVM is not available. Load the module for your CPU \
+    #[error(
+        "{path} does not exist: KVM is not available. Load the module for your CPU \
 (`modprobe kvm_intel` or `modprobe kvm_amd`), make sure VT-x/AMD-V is enabled in the firmware \
-settings, and, inside a VM, that nested virtualization is enabled")]
+settings, and, inside a VM, that nested virtualization is enabled"
+    )]
     Missing {
         /// The path.
         path: String,
     },
     /// Not allowed to open it.
-    #[error("{path}: permission denied. Add your user to the group that owns it (usually `kvm`: \
-`sudo usermod -aG kvm $USER`, then log in again), or run as root. Currently: {mode}")]
+    #[error(
+        "{path}: permission denied. Add your user to the group that owns it (usually `kvm`: \
+`sudo usermod -aG kvm $USER`, then log in again), or run as root. Currently: {mode}"
+    )]
     PermissionDenied {
         /// The path.
         path: String,
@@ -89,8 +93,10 @@ settings, and, inside a VM, that nested virtualization is enabled")]
         mode: String,
     },
     /// Exists but is not the KVM character device.
-    #[error("{path} is not a character device (found {found}); recreate it with \
-`mknod {path} c 10 232` or reload the kvm module")]
+    #[error(
+        "{path} is not a character device (found {found}); recreate it with \
+`mknod {path} c 10 232` or reload the kvm module"
+    )]
     NotADevice {
         /// The path.
         path: String,
@@ -106,8 +112,10 @@ settings, and, inside a VM, that nested virtualization is enabled")]
         source: std::io::Error,
     },
     /// A KVM API version other than 12.
-    #[error("{path}: KVM API version {found}, this VMM needs 12; the host kernel is too old or \
-its KVM is not the Linux one")]
+    #[error(
+        "{path}: KVM API version {found}, this VMM needs 12; the host kernel is too old or \
+its KVM is not the Linux one"
+    )]
     ApiVersion {
         /// The path.
         path: String,
@@ -115,8 +123,10 @@ its KVM is not the Linux one")]
         found: i32,
     },
     /// A capability the VMM relies on.
-    #[error("{path}: KVM lacks {cap} ({what}); upgrade the host kernel (Linux 5.10 or later \
-has everything Ferrovisor needs)")]
+    #[error(
+        "{path}: KVM lacks {cap} ({what}); upgrade the host kernel (Linux 5.10 or later \
+has everything Ferrovisor needs)"
+    )]
     MissingCapability {
         /// The path.
         path: String,
@@ -144,7 +154,11 @@ pub const REQUIRED_CAPS: &[(Cap, &str, &str)] = &[
     (Cap::ExtCpuid, "KVM_CAP_EXT_CPUID", "CPUID set-up"),
     (Cap::Irqfd, "KVM_CAP_IRQFD", "device interrupts"),
     (Cap::Ioeventfd, "KVM_CAP_IOEVENTFD", "device notifications"),
-    (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT", "stopping vCPUs"),
+    (
+        Cap::ImmediateExit,
+        "KVM_CAP_IMMEDIATE_EXIT",
+        "stopping vCPUs",
+    ),
     (Cap::MpState, "KVM_CAP_MP_STATE", "SMP start-up"),
 ];
 
@@ -203,9 +217,9 @@ pub fn open_kvm(path: &Path) -> Result<Kvm, KvmError> {
                 path: p.clone(),
             },
             std::io::ErrorKind::NotFound => KvmError::Missing { path: p.clone() },
-            _ if e.errno() == libc::ENXIO || e.errno() == libc::ENODEV => KvmError::Missing {
-                path: p.clone(),
-            },
+            _ if e.errno() == libc::ENXIO || e.errno() == libc::ENODEV => {
+                KvmError::Missing { path: p.clone() }
+            }
             _ => KvmError::Open {
                 path: p.clone(),
                 source: io,

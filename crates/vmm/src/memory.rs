@@ -159,12 +159,11 @@ pub fn create_firmware_memory(image: &[u8]) -> Result<GuestMemoryMmap, MemoryErr
     use vm_memory::Bytes;
     let size = image.len() as u64;
     let base = GuestAddress(MMIO_GAP_END - size);
-    let mem = GuestMemoryMmap::from_ranges(&[(base, image.len())]).map_err(|e| {
-        MemoryError::Map {
+    let mem =
+        GuestMemoryMmap::from_ranges(&[(base, image.len())]).map_err(|e| MemoryError::Map {
             size,
             reason: e.to_string(),
-        }
-    })?;
+        })?;
     mem.write_slice(image, base).map_err(|e| MemoryError::Map {
         size,
         reason: e.to_string(),
@@ -195,7 +194,11 @@ mod tests {
     #[test]
     fn e820_has_pc_holes_and_covers_ram() {
         let map = e820_map(6 << 30);
-        let ram: u64 = map.iter().filter(|e| e.kind == E820_RAM).map(|e| e.size).sum();
+        let ram: u64 = map
+            .iter()
+            .filter(|e| e.kind == E820_RAM)
+            .map(|e| e.size)
+            .sum();
         // All RAM but the EBDA/VGA/BIOS hole [0x9fc00, 0x100000).
         assert_eq!(ram, (6 << 30) - (HIMEM_START - EBDA_START));
         // Sorted, non-overlapping, nothing RAM in the MMIO gap.
@@ -208,15 +211,22 @@ mod tests {
             assert!(end <= 0xa0000 || e.addr >= HIMEM_START, "{e:?}");
         }
         let small = e820_map(64 << 20);
-        assert_eq!(small.last().unwrap().addr + small.last().unwrap().size, 64 << 20);
+        assert_eq!(
+            small.last().unwrap().addr + small.last().unwrap().size,
+            64 << 20
+        );
     }
 
     #[test]
     fn guest_memory_is_lazy_and_sized() {
         let mem = create_guest_memory(4 << 30).unwrap();
         assert_eq!(mem.num_regions(), 2);
-        mem.write_obj(0xdead_beefu32, GuestAddress(MMIO_GAP_END + 8)).unwrap();
-        assert_eq!(mem.read_obj::<u32>(GuestAddress(MMIO_GAP_END + 8)).unwrap(), 0xdead_beef);
+        mem.write_obj(0xdead_beefu32, GuestAddress(MMIO_GAP_END + 8))
+            .unwrap();
+        assert_eq!(
+            mem.read_obj::<u32>(GuestAddress(MMIO_GAP_END + 8)).unwrap(),
+            0xdead_beef
+        );
         assert!(mem.write_obj(1u8, GuestAddress(MMIO_GAP_START)).is_err());
     }
 

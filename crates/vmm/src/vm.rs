@@ -11,7 +11,7 @@ use crate::cpu::regs::{BootEntry, RegsError};
 use crate::cpu::{self, ExitCounts, RunControl, Vcpu, VcpuSetup, VcpuStats};
 use crate::kvm::{self, KvmError, KvmFlavour, PVM_HINT};
 use crate::memory::{self, KVM_IDENTITY_MAP_START, KVM_TSS_START};
-use devices::legacy::{AcpiPm, PvPanic, Serial, I8042, ACPI_PM_LEN};
+use devices::legacy::{AcpiPm, PvPanic, Serial, ACPI_PM_LEN, I8042};
 use devices::{Bus, Interrupt, VmRequest, VmRequestFn};
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
@@ -215,7 +215,9 @@ impl Vm {
         vm_fd
             .set_tss_address(KVM_TSS_START as usize)
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-        vm_fd.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        vm_fd
+            .create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
         vm_fd
             .create_pit2(kvm_pit_config {
                 flags: KVM_PIT_SPEAKER_DUMMY,
@@ -224,8 +226,8 @@ impl Vm {
             .map_err(kvm_err("KVM_CREATE_PIT2"))?;
 
         let mem = memory::create_guest_memory(config.memory.0)?;
-        let mut next_slot =
-            memory::register_with_kvm(&vm_fd, &mem, 0).map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        let mut next_slot = memory::register_with_kvm(&vm_fd, &mem, 0)
+            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
         let firmware = match &config.firmware {
             Some(path) => {
                 let image = std::fs::read(path).map_err(|e| {
@@ -248,7 +250,10 @@ impl Vm {
         let (events_tx, events_rx) = channel();
         let tx = Mutex::new(events_tx.clone());
         let sink: VmRequestFn = Arc::new(move |r| {
-            let _ = tx.lock().unwrap_or_else(|e| e.into_inner()).send(VmEvent::Request(r));
+            let _ = tx
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .send(VmEvent::Request(r));
         });
         let mut console = Console::open(&config.serial)?;
         let serial_irq = Interrupt::new().map_err(|source| VmError::Io {
@@ -261,13 +266,22 @@ impl Vm {
         let serial = Arc::new(Mutex::new(Serial::new(serial_irq, console.take_output())));
         let mut pio = Bus::new();
         let dev_err = |e: devices::BusError| VmError::Device(e.to_string());
-        pio.insert(serial.clone(), u64::from(COM1_PORT), 8).map_err(dev_err)?;
+        pio.insert(serial.clone(), u64::from(COM1_PORT), 8)
+            .map_err(dev_err)?;
         pio.insert(Arc::new(Mutex::new(I8042::new(sink.clone()))), 0x60, 5)
             .map_err(dev_err)?;
-        pio.insert(Arc::new(Mutex::new(PvPanic::new(sink.clone()))), u64::from(PVPANIC_PORT), 1)
-            .map_err(dev_err)?;
-        pio.insert(Arc::new(Mutex::new(AcpiPm::new(sink))), u64::from(ACPI_PM_PORT), ACPI_PM_LEN)
-            .map_err(dev_err)?;
+        pio.insert(
+            Arc::new(Mutex::new(PvPanic::new(sink.clone()))),
+            u64::from(PVPANIC_PORT),
+            1,
+        )
+        .map_err(dev_err)?;
+        pio.insert(
+            Arc::new(Mutex::new(AcpiPm::new(sink))),
+            u64::from(ACPI_PM_PORT),
+            ACPI_PM_LEN,
+        )
+        .map_err(dev_err)?;
         let pio = Arc::new(pio);
         let mmio = Arc::new(Bus::new());
 

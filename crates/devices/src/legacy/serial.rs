@@ -26,9 +26,8 @@ impl Serial {
         match self.inner.enqueue_raw_bytes(input) {
             Ok(n) => Ok(n),
             Err(vm_superio::serial::Error::FullFifo) => Ok(0),
-            Err(vm_superio::serial::Error::Trigger(e)) | Err(vm_superio::serial::Error::IOError(e)) => {
-                Err(e)
-            }
+            Err(vm_superio::serial::Error::Trigger(e))
+            | Err(vm_superio::serial::Error::IOError(e)) => Err(e),
         }
     }
 

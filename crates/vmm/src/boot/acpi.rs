@@ -6,12 +6,12 @@
 
 use crate::memory::{ACPI_START, BIOS_END, IOAPIC_START, LAPIC_START};
 use acpi_tables::aml;
-use acpi_tables::Aml;
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
+use acpi_tables::Aml;
 use devices::legacy::{RESET_VALUE, S5_SLP_TYP};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -102,12 +102,7 @@ pub fn dsdt(extra: &[DsdtDevice]) -> Sdt {
             &aml::Name::new("_UID".into(), &aml::ZERO),
             &aml::Name::new(
                 "_CRS".into(),
-                &aml::ResourceTemplate::new(vec![&aml::IO::new(
-                    PVPANIC_PORT,
-                    PVPANIC_PORT,
-                    1,
-                    1,
-                )]),
+                &aml::ResourceTemplate::new(vec![&aml::IO::new(PVPANIC_PORT, PVPANIC_PORT, 1, 1)]),
             ),
         ],
     )
@@ -154,7 +149,15 @@ impl Aml for RawAml {
 
 /// The hardware-reduced FADT pointing at the DSDT.
 fn fadt(dsdt_addr: u64) -> Vec<u8> {
-    let io = |port: u16| GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, u64::from(port));
+    let io = |port: u16| {
+        GAS::new(
+            AddressSpace::SystemIo,
+            8,
+            0,
+            AccessSize::ByteAccess,
+            u64::from(port),
+        )
+    };
     let mut f = FADTBuilder::new(OEM_ID, *b"FVFACP  ", OEM_REVISION)
         .dsdt_64(dsdt_addr)
         .flag(Flags::HwReducedAcpi)
@@ -278,8 +281,16 @@ mod tests {
         assert_eq!(fadt[116], 1, "reset register in system I/O space");
         assert_eq!(u64_at(&fadt, 120), u64::from(ACPI_PM_PORT + 2));
         assert_eq!(fadt[128], RESET_VALUE);
-        assert_eq!(u64_at(&fadt, 244 + 4), u64::from(ACPI_PM_PORT), "SLEEP_CONTROL_REG");
-        assert_eq!(u64_at(&fadt, 256 + 4), u64::from(ACPI_PM_PORT + 1), "SLEEP_STATUS_REG");
+        assert_eq!(
+            u64_at(&fadt, 244 + 4),
+            u64::from(ACPI_PM_PORT),
+            "SLEEP_CONTROL_REG"
+        );
+        assert_eq!(
+            u64_at(&fadt, 256 + 4),
+            u64::from(ACPI_PM_PORT + 1),
+            "SLEEP_STATUS_REG"
+        );
         let dsdt = table(&mem, u64_at(&fadt, 140), b"DSDT");
 
         // MADT: 4 enabled LAPICs with IDs 0..3, one IOAPIC, the IRQ0 override.

@@ -6,14 +6,16 @@ pub mod acpi;
 use crate::config::{KernelFormat, CMDLINE_MAX};
 use crate::cpu::regs::BootEntry;
 use crate::memory::{
-    e820_map, low_ram_end, E820Entry, CMDLINE_START, HIMEM_START, PVH_INFO_START,
-    PVH_MEMMAP_START, PVH_MODLIST_START, ZERO_PAGE_START,
+    e820_map, low_ram_end, E820Entry, CMDLINE_START, HIMEM_START, PVH_INFO_START, PVH_MEMMAP_START,
+    PVH_MODLIST_START, ZERO_PAGE_START,
 };
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_params, setup_header};
-use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info};
+use linux_loader::loader::elf::start_info::{
+    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
+};
 use linux_loader::loader::elf::PvhBootCapability;
 use linux_loader::loader::{load_cmdline, BzImage, Cmdline, Elf, KernelLoader};
 use std::fs::File;
@@ -99,9 +101,8 @@ pub fn load_linux(mem: &GuestMemoryMmap, b: &LinuxBoot<'_>) -> Result<BootEntry,
         reason: e.to_string(),
     };
     let result = match b.format {
-        KernelFormat::BzImage => {
-            BzImage::load(mem, None, &mut kf, Some(GuestAddress(HIMEM_START))).map_err(kernel_err)?
-        }
+        KernelFormat::BzImage => BzImage::load(mem, None, &mut kf, Some(GuestAddress(HIMEM_START)))
+            .map_err(kernel_err)?,
         KernelFormat::Elf => {
             Elf::load(mem, None, &mut kf, Some(GuestAddress(HIMEM_START))).map_err(kernel_err)?
         }
@@ -121,7 +122,13 @@ pub fn load_linux(mem: &GuestMemoryMmap, b: &LinuxBoot<'_>) -> Result<BootEntry,
         .filter(|&m| m != 0)
         .unwrap_or(0x7fff_ffff);
     let initrd = match b.initrd {
-        Some(p) => Some(load_initrd(mem, p, result.kernel_end, initrd_max, b.mem_size)?),
+        Some(p) => Some(load_initrd(
+            mem,
+            p,
+            result.kernel_end,
+            initrd_max,
+            b.mem_size,
+        )?),
         None => None,
     };
     let e820 = e820_map(b.mem_size);
@@ -297,8 +304,15 @@ mod tests {
     fn zero_page_carries_cmdline_initrd_rsdp_e820() {
         let mem = create_guest_memory(256 << 20).unwrap();
         let e820 = e820_map(256 << 20);
-        write_zero_page(&mem, elf_setup_header(), 0xe0000, 20, Some((0x800_0000, 0x1234)), &e820)
-            .unwrap();
+        write_zero_page(
+            &mem,
+            elf_setup_header(),
+            0xe0000,
+            20,
+            Some((0x800_0000, 0x1234)),
+            &e820,
+        )
+        .unwrap();
         let p: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
         let hdr = p.hdr;
         assert_eq!({ hdr.cmd_line_ptr }, CMDLINE_START as u32);
@@ -308,7 +322,10 @@ mod tests {
         assert_eq!({ p.acpi_rsdp_addr }, 0xe0000);
         assert_eq!(p.e820_entries as usize, e820.len());
         let last = p.e820_table[e820.len() - 1];
-        assert_eq!(({ last.addr }, { last.size }, { last.type_ }), (HIMEM_START, (256 << 20) - HIMEM_START, E820_RAM));
+        assert_eq!(
+            ({ last.addr }, { last.size }, { last.r#type }),
+            (HIMEM_START, (256 << 20) - HIMEM_START, E820_RAM)
+        );
     }
 
     #[test]
@@ -338,7 +355,10 @@ mod tests {
         assert_eq!(size, 10_000);
         assert_eq!(addr % 4096, 0);
         assert!(addr + size <= 64 << 20 && addr + size + 4096 > 64 << 20);
-        assert_eq!(mem.read_obj::<u8>(GuestAddress(addr + 9_999)).unwrap(), 0xab);
+        assert_eq!(
+            mem.read_obj::<u8>(GuestAddress(addr + 9_999)).unwrap(),
+            0xab
+        );
         let e = load_initrd(&mem, &p, (64 << 20) - 4096, 0x7fff_ffff, 64 << 20).unwrap_err();
         assert!(matches!(e, BootError::InitrdTooLarge { .. }), "{e}");
     }

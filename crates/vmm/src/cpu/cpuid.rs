@@ -204,7 +204,14 @@ mod tests {
             leaf(0xa, 0, 0x0804_0002, 0, 0, 0x603),
             leaf(0xb, 0, 1, 2, 0x100, 7),
             leaf(0x1f, 0, 1, 2, 0x100, 7),
-            leaf(0x4000_0000, 0, 0x4000_0001, KVM_SIGNATURE[0], KVM_SIGNATURE[1], KVM_SIGNATURE[2]),
+            leaf(
+                0x4000_0000,
+                0,
+                0x4000_0001,
+                KVM_SIGNATURE[0],
+                KVM_SIGNATURE[1],
+                KVM_SIGNATURE[2],
+            ),
             leaf(0x4000_0001, 0, 0x0100_7afb, 0, 0, 0),
             leaf(0x8000_0001, 0, 0, 0, 0x121, 0x2c10_0800),
         ]
@@ -214,7 +221,14 @@ mod tests {
     fn topology_and_apic_ids() {
         let host = intel_host();
         for id in 0..4 {
-            let v = filter_cpuid(&host, CpuidParams { vcpu_id: id, vcpu_count: 4, pmu: false });
+            let v = filter_cpuid(
+                &host,
+                CpuidParams {
+                    vcpu_id: id,
+                    vcpu_count: 4,
+                    pmu: false,
+                },
+            );
             let l1 = find(&v, 1, 0);
             assert_eq!(l1.ebx >> 24, id);
             assert_eq!((l1.ebx >> 16) & 0xff, 4);
@@ -237,7 +251,14 @@ mod tests {
 
     #[test]
     fn hypervisor_bit_set_and_unbacked_features_hidden() {
-        let v = filter_cpuid(&intel_host(), CpuidParams { vcpu_id: 0, vcpu_count: 1, pmu: false });
+        let v = filter_cpuid(
+            &intel_host(),
+            CpuidParams {
+                vcpu_id: 0,
+                vcpu_count: 1,
+                pmu: false,
+            },
+        );
         let l1 = find(&v, 1, 0);
         assert_ne!(l1.ecx & L1_ECX_HYPERVISOR, 0);
         assert_eq!(l1.ecx & (L1_ECX_VMX | L1_ECX_PDCM), 0);
@@ -246,12 +267,23 @@ mod tests {
         assert_eq!((pmu.eax, pmu.edx), (0, 0));
         let kvm = find(&v, 0x4000_0000, 0);
         assert_eq!([kvm.ebx, kvm.ecx, kvm.edx], KVM_SIGNATURE);
-        assert_eq!(find(&v, 0x4000_0001, 0).eax, 0x0100_7afb, "paravirt features kept");
+        assert_eq!(
+            find(&v, 0x4000_0001, 0).eax,
+            0x0100_7afb,
+            "paravirt features kept"
+        );
     }
 
     #[test]
     fn pmu_kept_when_enabled() {
-        let v = filter_cpuid(&intel_host(), CpuidParams { vcpu_id: 0, vcpu_count: 1, pmu: true });
+        let v = filter_cpuid(
+            &intel_host(),
+            CpuidParams {
+                vcpu_id: 0,
+                vcpu_count: 1,
+                pmu: true,
+            },
+        );
         assert_eq!(find(&v, 0xa, 0).eax, 0x0804_0002);
         assert_ne!(find(&v, 1, 0).ecx & L1_ECX_PDCM, 0);
     }
@@ -261,12 +293,26 @@ mod tests {
         let host = vec![
             leaf(0, 0, 0x10, 0x6874_7541, 0x444d_4163, 0x6974_6e65),
             leaf(1, 0, 0, 0, 0, 0),
-            leaf(0x8000_0001, 0, 0, 0, E1_ECX_SVM | E1_ECX_TOPOEXT | E1_ECX_PERFCTR_CORE, 0),
+            leaf(
+                0x8000_0001,
+                0,
+                0,
+                0,
+                E1_ECX_SVM | E1_ECX_TOPOEXT | E1_ECX_PERFCTR_CORE,
+                0,
+            ),
             leaf(0x8000_0008, 0, 0x3030, 0, 0x7007, 0),
             leaf(0x8000_000a, 0, 1, 0x8000, 0, 0x1ff),
             leaf(0x8000_001e, 0, 9, 0x100, 0, 0),
         ];
-        let v = filter_cpuid(&host, CpuidParams { vcpu_id: 2, vcpu_count: 3, pmu: false });
+        let v = filter_cpuid(
+            &host,
+            CpuidParams {
+                vcpu_id: 2,
+                vcpu_count: 3,
+                pmu: false,
+            },
+        );
         let e1 = find(&v, 0x8000_0001, 0);
         assert_eq!(e1.ecx & (E1_ECX_SVM | E1_ECX_PERFCTR_CORE), 0);
         assert_ne!(e1.ecx & E1_ECX_TOPOEXT, 0);

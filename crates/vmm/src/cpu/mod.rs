@@ -6,7 +6,9 @@ pub mod regs;
 
 use crate::vm::{FaultReport, VmEvent};
 use devices::{Bus, VmRequest};
-use kvm_bindings::{CpuId, Msrs, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_bindings::{
+    CpuId, Msrs, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use regs::{BootEntry, RegsError};
 use serde::Serialize;
@@ -55,7 +57,13 @@ pub struct ExitCounts {
 impl ExitCounts {
     /// Every exit counted.
     pub fn total(&self) -> u64 {
-        self.io_in + self.io_out + self.mmio_read + self.mmio_write + self.hlt + self.interrupted + self.other
+        self.io_in
+            + self.io_out
+            + self.mmio_read
+            + self.mmio_write
+            + self.hlt
+            + self.interrupted
+            + self.other
     }
 
     /// Adds `o` into `self`.
@@ -202,7 +210,13 @@ impl Vcpu {
         mmio: Arc<Bus>,
         hint: Option<&'static str>,
     ) -> Result<Vcpu, RegsError> {
-        let kvm = |op| move |source| RegsError::Kvm { vcpu: id, op, source };
+        let kvm = |op| {
+            move |source| RegsError::Kvm {
+                vcpu: id,
+                op,
+                source,
+            }
+        };
         let entries = cpuid::filter_cpuid(
             setup.host_cpuid.as_slice(),
             cpuid::CpuidParams {
@@ -228,7 +242,10 @@ impl Vcpu {
         let set = fd.set_msrs(&msrs).map_err(kvm("KVM_SET_MSRS"))?;
         if set != wanted {
             let rejected = msrs.as_slice().get(set).map(|m| m.index).unwrap_or(0);
-            tracing::warn!(vcpu = id, "KVM accepted {set} of {wanted} boot MSRs (rejected {rejected:#x})");
+            tracing::warn!(
+                vcpu = id,
+                "KVM accepted {set} of {wanted} boot MSRs (rejected {rejected:#x})"
+            );
         }
         fd.set_fpu(&regs::boot_fpu()).map_err(kvm("KVM_SET_FPU"))?;
         let lapic = fd.get_lapic().map_err(kvm("KVM_GET_LAPIC"))?;
@@ -412,8 +429,24 @@ pub fn dump_registers(fd: &VcpuFd) -> String {
              rsi={:#018x} rdi={:#018x} rbp={:#018x}\n\
              r8={:#018x} r9={:#018x} r10={:#018x} r11={:#018x}\n\
              r12={:#018x} r13={:#018x} r14={:#018x} r15={:#018x}\n",
-            r.rip, r.rsp, r.rflags, r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp, r.r8, r.r9,
-            r.r10, r.r11, r.r12, r.r13, r.r14, r.r15
+            r.rip,
+            r.rsp,
+            r.rflags,
+            r.rax,
+            r.rbx,
+            r.rcx,
+            r.rdx,
+            r.rsi,
+            r.rdi,
+            r.rbp,
+            r.r8,
+            r.r9,
+            r.r10,
+            r.r11,
+            r.r12,
+            r.r13,
+            r.r14,
+            r.r15
         )),
         Err(e) => s.push_str(&format!("(registers unavailable: {e})\n")),
     }
@@ -421,7 +454,16 @@ pub fn dump_registers(fd: &VcpuFd) -> String {
         Ok(r) => s.push_str(&format!(
             "cs={:#06x} base={:#x} (l={} db={}) ss={:#06x}\n\
              cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x}",
-            r.cs.selector, r.cs.base, r.cs.l, r.cs.db, r.ss.selector, r.cr0, r.cr2, r.cr3, r.cr4, r.efer
+            r.cs.selector,
+            r.cs.base,
+            r.cs.l,
+            r.cs.db,
+            r.ss.selector,
+            r.cr0,
+            r.cr2,
+            r.cr3,
+            r.cr4,
+            r.efer
         )),
         Err(e) => s.push_str(&format!("(special registers unavailable: {e})")),
     }

@@ -110,10 +110,16 @@ pub enum RegsError {
 fn write_gdt(mem: &GuestMemoryMmap, gdt: &[u64]) -> Result<(), RegsError> {
     for (i, entry) in gdt.iter().enumerate() {
         mem.write_obj(*entry, GuestAddress(BOOT_GDT_START + 8 * i as u64))
-            .map_err(|source| RegsError::Memory { what: "GDT", source })?;
+            .map_err(|source| RegsError::Memory {
+                what: "GDT",
+                source,
+            })?;
     }
     mem.write_obj(0u64, GuestAddress(BOOT_IDT_START))
-        .map_err(|source| RegsError::Memory { what: "IDT", source })
+        .map_err(|source| RegsError::Memory {
+            what: "IDT",
+            source,
+        })
 }
 
 /// Identity-maps the first GiB with 2 MiB pages.
@@ -281,11 +287,17 @@ mod tests {
         assert_eq!(GDT_DATA, 0x00cf_9300_0000_ffff);
         assert_eq!(GDT_CODE32, 0x00cf_9b00_0000_ffff);
         let cs = segment_from_gdt(GDT_CODE64, CODE_SEL);
-        assert_eq!((cs.base, cs.limit, cs.l, cs.db, cs.g, cs.type_, cs.s), (0, 0xffff_ffff, 1, 0, 1, 0xb, 1));
+        assert_eq!(
+            (cs.base, cs.limit, cs.l, cs.db, cs.g, cs.type_, cs.s),
+            (0, 0xffff_ffff, 1, 0, 1, 0xb, 1)
+        );
         let cs32 = segment_from_gdt(GDT_CODE32, CODE_SEL);
         assert_eq!((cs32.l, cs32.db), (0, 1));
         let tss = segment_from_gdt(GDT_TSS, TSS_SEL);
-        assert_eq!((tss.s, tss.type_, tss.present, tss.limit), (0, 0xb, 1, 0xfffff));
+        assert_eq!(
+            (tss.s, tss.type_, tss.present, tss.limit),
+            (0, 0xb, 1, 0xfffff)
+        );
         assert_eq!(segment_from_gdt(0, 0).unusable, 1);
         let e = gdt_entry(0xc093, 0x1234_5678, 0xabcde);
         let s = segment_from_gdt(e, 0);
@@ -296,15 +308,29 @@ mod tests {
     #[test]
     fn long_mode_sregs_and_page_tables() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
-        let entry = BootEntry::Linux64 { rip: 0x100200, boot_params: 0x7000 };
+        let entry = BootEntry::Linux64 {
+            rip: 0x100200,
+            boot_params: 0x7000,
+        };
         let s = boot_sregs(&mem, entry, kvm_sregs::default()).unwrap();
         assert_eq!(s.cr3, PML4_START);
         assert_ne!(s.cr0 & X86_CR0_PG, 0);
         assert_ne!(s.efer & EFER_LMA, 0);
         assert_eq!(s.gdt.limit, 31);
-        assert_eq!(mem.read_obj::<u64>(GuestAddress(BOOT_GDT_START + 8)).unwrap(), GDT_CODE64);
-        assert_eq!(mem.read_obj::<u64>(GuestAddress(PML4_START)).unwrap(), PDPTE_START | 3);
-        assert_eq!(mem.read_obj::<u64>(GuestAddress(PDE_START + 8 * 511)).unwrap(), (511 << 21) | 0x83);
+        assert_eq!(
+            mem.read_obj::<u64>(GuestAddress(BOOT_GDT_START + 8))
+                .unwrap(),
+            GDT_CODE64
+        );
+        assert_eq!(
+            mem.read_obj::<u64>(GuestAddress(PML4_START)).unwrap(),
+            PDPTE_START | 3
+        );
+        assert_eq!(
+            mem.read_obj::<u64>(GuestAddress(PDE_START + 8 * 511))
+                .unwrap(),
+            (511 << 21) | 0x83
+        );
         let r = boot_regs(entry).unwrap();
         assert_eq!((r.rip, r.rsi, r.rflags), (0x100200, 0x7000, 2));
         assert_eq!(mem.num_regions(), 1);
@@ -313,8 +339,19 @@ mod tests {
     #[test]
     fn pvh_sregs() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
-        let entry = BootEntry::Pvh { rip: 0x1000, start_info: 0x6000 };
-        let s = boot_sregs(&mem, entry, kvm_sregs { cr0: 0x6000_0010, ..Default::default() }).unwrap();
+        let entry = BootEntry::Pvh {
+            rip: 0x1000,
+            start_info: 0x6000,
+        };
+        let s = boot_sregs(
+            &mem,
+            entry,
+            kvm_sregs {
+                cr0: 0x6000_0010,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         assert_eq!(s.cr0, X86_CR0_PE | X86_CR0_ET);
         assert_eq!((s.cr4, s.efer), (0, 0));
         assert_eq!((s.cs.db, s.cs.l), (1, 0));
