@@ -23,9 +23,11 @@
 # run costs one `apt-cache depends` and a few stats.
 set -euo pipefail
 
-CACHE="${FERROVISOR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/ferrovisor}"
-ASSETS="$CACHE/assets"
 SELF="$(readlink -f "${BASH_SOURCE[0]}")"
+LOG_TAG=assets
+# shellcheck source=guest/lib.sh
+. "$(dirname "$SELF")/lib.sh"          # CACHE, log, die, scratch, mod_*, mkcpio
+ASSETS="$CACHE/assets"
 
 # Modules the guest initramfs loads (their dependencies are added from
 # modules.dep). Built-in or absent ones are skipped. crc32c_generic backs the
@@ -34,17 +36,10 @@ GUEST_MODULES=(pvpanic pvpanic-mmio virtio_mmio virtio_blk virtio_net
   vmw_vsock_virtio_transport virtio-rng virtio_balloon virtio_console
   crc32c_generic ext4)
 
-log() { echo "assets: $*" >&2; }
-die() { echo "assets: error: $*" >&2; exit 1; }
-
 mkdir -p "$ASSETS"
-# Scratch dirs live inside $ASSETS (same filesystem, so results can be mv'd
-# into place atomically) and are removed however the script exits.
-SCRATCH=()
-cleanup() { [ ${#SCRATCH[@]} = 0 ] || rm -rf "${SCRATCH[@]}"; }
-trap cleanup EXIT
-# scratch VAR: make a scratch dir, store its path in VAR.
-scratch() { local d; d="$(mktemp -d "$ASSETS/.tmp.XXXXXX")"; SCRATCH+=("$d"); printf -v "$1" %s "$d"; }
+# One builder at a time (parallel test runs share the cache).
+exec 9>"$ASSETS/.lock"
+flock 9
 
 # ---------------------------------------------------------------- apt helpers
 # apt-get download as root warns that the _apt sandbox user cannot write the
@@ -67,7 +62,7 @@ apt_download() {
 # DEST appears only once complete). The package is never installed.
 extract_pkg() {
   local pkg="$1" dest="$2" tmp
-  scratch tmp
+  scratch tmp "$ASSETS"
   log "downloading $pkg"
   local deb; deb="$(apt_download "$tmp" "$pkg")"
   dpkg -x "$deb" "$tmp/root"
@@ -81,7 +76,13 @@ kernel_version() {
   if [ -n "${FERROVISOR_KERNEL_VERSION:-}" ]; then
     echo "$FERROVISOR_KERNEL_VERSION"; return
   fi
-  local dep
+  # apt-cache takes ~1 s; the answer only changes with the package lists, so
+  # reuse the last one while no list is newer than it.
+  local stamp="$ASSETS/.metapackage-kernel" dep
+  if [ -s "$stamp" ] &&
+     [ -z "$(find /var/lib/apt/lists -maxdepth 1 -name '*Packages*' -newer "$stamp" 2>/dev/null | head -n1)" ]; then
+    cat "$stamp"; return
+  fi
   # The metapackage's candidate depends on exactly one linux-image-<abi>-amd64.
   dep="$(apt-cache depends linux-image-amd64 2>/dev/null |
          sed -n 's/^ *Depends: linux-image-\([0-9].*-amd64\)$/\1/p' | head -n1)"
@@ -92,6 +93,7 @@ kernel_version() {
            sed -n 's/^ *Depends: linux-image-\([0-9].*-amd64\)$/\1/p' | head -n1)"
   fi
   [ -n "$dep" ] || die "cannot resolve linux-image-amd64's kernel package"
+  echo "$dep" > "$stamp"
   echo "$dep"
 }
 
@@ -128,65 +130,6 @@ extract_vmlinux() {
   [ "$(head -c4 "$out.tmp" | od -An -tx1 | tr -d ' ')" = 7f454c46 ] ||
     die "$bz: decompressed payload is not an ELF image"
   mv "$out.tmp" "$out"
-}
-
-# ------------------------------------------------------------ module helpers
-# mod_path MODDIR NAME: modules.dep path of module NAME ('-' and '_' are the
-# same in module names), empty if absent.
-mod_path() {
-  local re="${2//[-_]/[-_]}"
-  sed -n "s#^\(\(.*/\)\?${re}\.ko\(\.xz\|\.zst\|\.gz\)\?\):.*#\1#p" "$1/modules.dep" | head -n1
-}
-mod_builtin() {
-  local re="${2//[-_]/[-_]}"
-  grep -qE "(^|/)${re}\.ko$" "$1/modules.builtin"
-}
-# mod_order MODDIR NAME...: every module's file with its dependencies first
-# (a depth-first walk of modules.dep, so the order is right whatever order
-# depmod wrote), each once. Built-in / missing modules are reported, skipped.
-mod_order() {
-  local dir="$1"; shift
-  local -A seen=()
-  visit() {
-    local p="$1" d
-    [ -n "${seen[$p]:-}" ] && return
-    seen[$p]=1
-    for d in $(sed -n "s#^${p}:##p" "$dir/modules.dep"); do visit "$d"; done
-    echo "$p"
-  }
-  local m p
-  for m in "$@"; do
-    p="$(mod_path "$dir" "$m")"
-    if [ -n "$p" ]; then visit "$p"
-    elif mod_builtin "$dir" "$m"; then log "module $m is built in; skipped"
-    else log "module $m not in this kernel; skipped"; fi
-  done
-}
-# copy_modules MODDIR DESTROOT VER PATH...: copy the modules (decompressed,
-# since busybox insmod may not read .ko.xz/.ko.zst) to
-# DESTROOT/lib/modules/VER/<path without compression suffix>.
-copy_modules() {
-  local dir="$1" root="$2" ver="$3"; shift 3
-  local p dst
-  for p in "$@"; do
-    dst="$root/lib/modules/$ver/${p%.xz}"; dst="${dst%.zst}"; dst="${dst%.gz}"
-    mkdir -p "$(dirname "$dst")"
-    case "$p" in
-      *.ko.xz)  xz -dc "$dir/$p" > "$dst" ;;
-      *.ko.zst) zstd -dcq "$dir/$p" > "$dst" ;;
-      *.ko.gz)  gzip -dc "$dir/$p" > "$dst" ;;
-      *)        cp "$dir/$p" "$dst" ;;
-    esac
-  done
-}
-# Module paths without compression suffix, as written to the image.
-strip_ext() { sed -e 's/\.ko\.\(xz\|zst\|gz\)$/.ko/'; }
-
-# mkcpio DIR: newc archive of DIR on stdout, files owned by root.
-# Uses the static busybox so the host needs no cpio package.
-mkcpio() {
-  ( cd "$1" && find . -mindepth 1 | LC_ALL=C sort |
-    "$ASSETS/busybox" cpio -o -H newc -R 0:0 2>/dev/null )
 }
 
 # ================================================================== busybox
@@ -291,29 +234,26 @@ mapfile -t ORDER < <(mod_order "$MODDIR" "${GUEST_MODULES[@]}")
 # Rebuild when this script (init, module list, format), the resolved module
 # set, busybox or the kernel change.
 KEY="$( { echo "$VER"; printf '%s\n' "${ORDER[@]}";
-          sha256sum < "$SELF"; sha256sum < "$ASSETS/busybox"; } | sha256sum | cut -c1-16)"
+          cat "$SELF" "$(dirname "$SELF")/lib.sh" "$ASSETS/busybox" | sha256sum; } | sha256sum | cut -c1-16)"
 INITRD="$KDIR/initramfs-$KEY.cpio.gz"
 if [ ! -f "$INITRD" ]; then
   log "building guest initramfs ($VER, ${#ORDER[@]} modules)"
-  scratch STAGE
+  scratch STAGE "$ASSETS"
   mkdir -p "$STAGE"/{bin,sbin,usr/bin,usr/sbin,etc,proc,sys,dev,tmp,run,root}
   cp "$ASSETS/busybox" "$STAGE/bin/busybox"
   printf '%s\n' "$GUEST_INIT" > "$STAGE/init"
   chmod 755 "$STAGE/init"
-  copy_modules "$MODDIR" "$STAGE" "$VER" "${ORDER[@]}"
-  printf '%s\n' "${ORDER[@]}" | strip_ext > "$STAGE/etc/modules.order"
+  copy_modules "$MODDIR" "$STAGE/lib/modules/$VER" "${ORDER[@]}"
+  for m in "${ORDER[@]}"; do mod_plain "$m"; done > "$STAGE/etc/modules.order"
   # A modules.dep for the subset, so `modprobe` works inside the guest too.
   cp "$MODDIR"/modules.{order,builtin,builtin.modinfo} "$STAGE/lib/modules/$VER/"
   "$ASSETS/busybox" depmod -b "$STAGE" "$VER" 2>/dev/null || true
   # /dev/console for the kernel to open before /init runs (Debian's built-in
   # initramfs has one too; this is belt and braces, needs root).
   mknod -m 600 "$STAGE/dev/console" c 5 1 2>/dev/null || true
-  mkcpio "$STAGE" | gzip -9 > "$INITRD.tmp"
-  # Zero-pad to a multiple of 4 bytes: the kernel only recognises a further
-  # (uncompressed) cpio archive appended to this one (e.g. a test's
-  # /scenario.sh) at a 4-byte aligned offset; gzip ignores trailing zeros.
-  truncate -s %4 "$INITRD.tmp"
-  mv "$INITRD.tmp" "$INITRD"
+  # gzip'd, zero-padded to 4 bytes so a test can append a cpio with
+  # /scenario.sh (see mkcpio in lib.sh).
+  MKCPIO_GZIP=9 mkcpio "$STAGE" "$INITRD"
   # Drop initramfs images of older inputs.
   find "$KDIR" -maxdepth 1 -name 'initramfs-*.cpio.gz' ! -name "${INITRD##*/}" -delete
 fi

@@ -17,7 +17,11 @@ fn fails_with(args: &[&str], expect: &[&str]) -> Output {
     assert_ne!(out.code(), 0, "{args:?} should fail: {out:?}");
     assert_eq!(out.stdout, "", "nothing on stdout for {args:?}");
     for e in expect {
-        assert!(out.stderr.contains(e), "{args:?}: expected {e:?} in:\n{}", out.stderr);
+        assert!(
+            out.stderr.contains(e),
+            "{args:?}: expected {e:?} in:\n{}",
+            out.stderr
+        );
     }
     assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
     out
@@ -47,7 +51,11 @@ fn missing_kvm_device_says_how_to_fix() {
     let fw = firmware("nokvm");
     fails_with(
         &["run", "--kvm", "/nonexistent/kvm", "--firmware", &fw],
-        &["/nonexistent/kvm does not exist", "modprobe kvm_intel", "kvm_amd"],
+        &[
+            "/nonexistent/kvm does not exist",
+            "modprobe kvm_intel",
+            "kvm_amd",
+        ],
     );
 }
 
@@ -90,7 +98,11 @@ fn unreadable_kvm_device_says_how_to_fix() {
         .arg(&fw);
     let out = run(cmd, T);
     assert_ne!(out.code(), 0, "{out:?}");
-    assert!(out.stderr.contains("/dev/kvm: permission denied"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("/dev/kvm: permission denied"),
+        "{}",
+        out.stderr
+    );
     assert!(out.stderr.contains("usermod -aG kvm"), "{}", out.stderr);
 }
 
@@ -115,7 +127,10 @@ fn a_file_that_is_not_a_kernel() {
 
 #[test]
 fn a_directory_is_not_a_kernel() {
-    fails_with(&["run", "--kernel", "/tmp"], &["kernel /tmp: not a regular file"]);
+    fails_with(
+        &["run", "--kernel", "/tmp"],
+        &["kernel /tmp: not a regular file"],
+    );
 }
 
 #[test]
@@ -141,7 +156,10 @@ fn malformed_sizes() {
     let k = kernel_stub("badsize");
     for bad in ["12X", "lots", "1.5G", "-1G", ""] {
         let flag = format!("--memory={bad}");
-        fails_with(&["run", "--kernel", &k, &flag], &["invalid size", &format!("{bad:?}")]);
+        fails_with(
+            &["run", "--kernel", &k, &flag],
+            &["invalid size", &format!("{bad:?}")],
+        );
     }
 }
 
@@ -149,14 +167,23 @@ fn malformed_sizes() {
 fn zero_and_too_many_vcpus() {
     let k = kernel_stub("cpus");
     fails_with(&["run", "--kernel", &k, "--cpus", "0"], &["--cpus 0"]);
-    fails_with(&["run", "--kernel", &k, "--cpus", "100000"], &["--cpus 100000", "more than"]);
-    fails_with(&["run", "--kernel", &k, "--cpus", "two"], &["invalid value 'two'", "--cpus"]);
+    fails_with(
+        &["run", "--kernel", &k, "--cpus", "100000"],
+        &["--cpus 100000", "more than"],
+    );
+    fails_with(
+        &["run", "--kernel", &k, "--cpus", "two"],
+        &["invalid value 'two'", "--cpus"],
+    );
 }
 
 #[test]
 fn bad_serial_spec() {
     let k = kernel_stub("serial");
-    fails_with(&["run", "--kernel", &k, "--serial", "tty9"], &["invalid --serial \"tty9\""]);
+    fails_with(
+        &["run", "--kernel", &k, "--serial", "tty9"],
+        &["invalid --serial \"tty9\""],
+    );
 }
 
 #[test]
@@ -171,10 +198,16 @@ fn config_file_errors_name_the_file_and_field() {
     std::fs::write(&p, r#"{"kernel": "/k", "vcpus": 2}"#).unwrap();
     fails_with(
         &["run", "--config", &p.display().to_string()],
-        &[&format!("config file {}", p.display()), "unknown field `vcpus`"],
+        &[
+            &format!("config file {}", p.display()),
+            "unknown field `vcpus`",
+        ],
     );
     std::fs::write(&p, r#"{"kernel": "/k", "cpus": "two"}"#).unwrap();
-    fails_with(&["run", "--config", &p.display().to_string()], &["invalid type"]);
+    fails_with(
+        &["run", "--config", &p.display().to_string()],
+        &["invalid type"],
+    );
     fails_with(
         &["run", "--config", "/nonexistent/vm.json"],
         &["config file /nonexistent/vm.json"],
@@ -205,7 +238,13 @@ fn serial_socket_path_that_exists_is_refused() {
     let sock = dir.join("taken");
     std::fs::write(&sock, "").unwrap();
     fails_with(
-        &["run", "--kernel", &k, "--serial", &format!("socket={}", sock.display())],
+        &[
+            "run",
+            "--kernel",
+            &k,
+            "--serial",
+            &format!("socket={}", sock.display()),
+        ],
         &["already exists"],
     );
     assert!(sock.exists(), "the existing file is untouched");

@@ -14,9 +14,16 @@ fn run_fw(name: &str, image: Vec<u8>, extra: &[&str]) -> Output {
     let dir = scratch(name);
     let fw = write_firmware(&dir, "fw.bin", &image);
     let mut cmd = ferrovisor();
-    cmd.args(["--log-level", "info", "run", "--memory", "16M", "--firmware"])
-        .arg(&fw)
-        .args(extra);
+    cmd.args([
+        "--log-level",
+        "info",
+        "run",
+        "--memory",
+        "16M",
+        "--firmware",
+    ])
+    .arg(&fw)
+    .args(extra);
     run(cmd, T)
 }
 
@@ -27,7 +34,10 @@ fn serial_output_arrives_and_poweroff_exits_zero() {
     }
     let out = run_fw(
         "serial",
-        Program::new().print("hello from a tiny guest\n").poweroff().build(),
+        Program::new()
+            .print("hello from a tiny guest\n")
+            .poweroff()
+            .build(),
         &["--serial", "stdio"],
     );
     assert_eq!(out.code(), 0, "{out:?}");
@@ -66,7 +76,11 @@ fn i8042_reset_ends_with_zero() {
     if !kvm_available("i8042_reset_ends_with_zero") {
         return;
     }
-    let out = run_fw("reset", Program::new().reset().build(), &["--serial", "null"]);
+    let out = run_fw(
+        "reset",
+        Program::new().reset().build(),
+        &["--serial", "null"],
+    );
     assert_eq!(out.code(), 0, "{out:?}");
     assert!(out.stderr.contains("guest rebooted"), "{}", out.stderr);
 }
@@ -76,7 +90,11 @@ fn acpi_reset_register_ends_with_zero() {
     if !kvm_available("acpi_reset_register_ends_with_zero") {
         return;
     }
-    let out = run_fw("acpi-reset", Program::new().out8(0x602, 1).build(), &["--serial", "null"]);
+    let out = run_fw(
+        "acpi-reset",
+        Program::new().out8(0x602, 1).build(),
+        &["--serial", "null"],
+    );
     assert_eq!(out.code(), 0, "{out:?}");
     assert!(out.stderr.contains("guest rebooted"), "{}", out.stderr);
 }
@@ -86,7 +104,11 @@ fn pvpanic_ends_with_distinct_status() {
     if !kvm_available("pvpanic_ends_with_distinct_status") {
         return;
     }
-    let out = run_fw("panic", Program::new().panic().build(), &["--serial", "null"]);
+    let out = run_fw(
+        "panic",
+        Program::new().panic().build(),
+        &["--serial", "null"],
+    );
     assert_eq!(out.code(), 3, "{out:?}");
     assert!(out.stderr.contains("panicked"), "{}", out.stderr);
 }
@@ -96,7 +118,11 @@ fn triple_fault_is_reported_with_registers() {
     if !kvm_available("triple_fault_is_reported_with_registers") {
         return;
     }
-    let out = run_fw("triple", Program::new().triple_fault().build(), &["--serial", "null"]);
+    let out = run_fw(
+        "triple",
+        Program::new().triple_fault().build(),
+        &["--serial", "null"],
+    );
     assert_eq!(out.code(), 4, "{out:?}");
     // Hardware KVM reports the triple fault; PVM emulates real mode and gives up earlier with
     // an internal (emulation) error. Both are faults with registers and a hint.
@@ -113,13 +139,28 @@ fn triple_fault_is_reported_with_registers() {
 
 fn stop_with_signal(sig: i32, name: &str) {
     let dir = scratch(name);
-    let fw = write_firmware(&dir, "fw.bin", &Program::new().print("spinning\n").spin().build());
+    let fw = write_firmware(
+        &dir,
+        "fw.bin",
+        &Program::new().print("spinning\n").spin().build(),
+    );
     let mut cmd = ferrovisor();
-    cmd.args(["--log-level", "info", "run", "--cpus", "2", "--memory", "16M", "--serial", "stdio", "--firmware"])
-        .arg(&fw)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
+    cmd.args([
+        "--log-level",
+        "info",
+        "run",
+        "--cpus",
+        "2",
+        "--memory",
+        "16M",
+        "--serial",
+        "stdio",
+        "--firmware",
+    ])
+    .arg(&fw)
+    .stdin(std::process::Stdio::null())
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped());
     let mut child = cmd.spawn().unwrap();
     // Wait for the guest to be running.
     let mut stdout = child.stdout.take().unwrap();
@@ -131,7 +172,11 @@ fn stop_with_signal(sig: i32, name: &str) {
     child.stdout = Some(stdout);
     let out = wait_with_timeout(child, Duration::from_secs(10));
     assert_eq!(out.code(), 0, "{out:?}");
-    assert!(out.stderr.contains(&format!("stopped by signal {sig}")), "{}", out.stderr);
+    assert!(
+        out.stderr.contains(&format!("stopped by signal {sig}")),
+        "{}",
+        out.stderr
+    );
 }
 
 #[test]
@@ -156,7 +201,11 @@ fn waiting_application_processors_do_not_block_exit() {
         return;
     }
     // APs sit in wait-for-SIPI inside KVM; power-off from the BSP must still end the VM.
-    let out = run_fw("smp", Program::new().print("bsp\n").poweroff().build(), &["--cpus", "4", "--serial", "stdio"]);
+    let out = run_fw(
+        "smp",
+        Program::new().print("bsp\n").poweroff().build(),
+        &["--cpus", "4", "--serial", "stdio"],
+    );
     assert_eq!(out.code(), 0, "{out:?}");
     assert_eq!(out.stdout, "bsp\n");
 }
@@ -184,7 +233,11 @@ fn serial_input_from_a_pipe_reaches_the_guest() {
         return;
     }
     let dir = scratch("serial-in");
-    let fw = write_firmware(&dir, "fw.bin", &Program::new().echo_until_q().poweroff().build());
+    let fw = write_firmware(
+        &dir,
+        "fw.bin",
+        &Program::new().echo_until_q().poweroff().build(),
+    );
     let mut cmd = ferrovisor();
     cmd.args(["run", "--memory", "16M", "--serial", "stdio", "--firmware"])
         .arg(&fw)
@@ -205,7 +258,11 @@ fn serial_socket_backend_is_interactive_and_removed_at_exit() {
     }
     let dir = scratch("serial-sock");
     let sock = dir.join("console.sock");
-    let fw = write_firmware(&dir, "fw.bin", &Program::new().echo_until_q().poweroff().build());
+    let fw = write_firmware(
+        &dir,
+        "fw.bin",
+        &Program::new().echo_until_q().poweroff().build(),
+    );
     let mut cmd = ferrovisor();
     cmd.args(["run", "--memory", "16M", "--firmware"])
         .arg(&fw)
@@ -224,7 +281,9 @@ fn serial_socket_backend_is_interactive_and_removed_at_exit() {
         std::thread::sleep(Duration::from_millis(10));
     }
     let mut stream = stream.expect("console socket never appeared");
-    stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
     stream.write_all(b"hi q").unwrap();
     let mut got = Vec::new();
     let _ = stream.read_to_end(&mut got);
@@ -240,11 +299,18 @@ fn config_file_drives_the_same_vm_and_flags_override_it() {
         return;
     }
     let dir = scratch("config");
-    let fw = write_firmware(&dir, "fw.bin", &Program::new().print("from config\n").poweroff().build());
+    let fw = write_firmware(
+        &dir,
+        "fw.bin",
+        &Program::new().print("from config\n").poweroff().build(),
+    );
     let cfg = dir.join("vm.json");
     std::fs::write(
         &cfg,
-        format!(r#"{{"firmware": "{}", "cpus": 2, "memory": "32M", "serial": "null"}}"#, fw.display()),
+        format!(
+            r#"{{"firmware": "{}", "cpus": 2, "memory": "32M", "serial": "null"}}"#,
+            fw.display()
+        ),
     )
     .unwrap();
     let mut cmd = ferrovisor();
@@ -277,7 +343,11 @@ fn large_lazily_backed_memory_is_cheap() {
         return;
     }
     let dir = scratch("bigmem");
-    let fw = write_firmware(&dir, "fw.bin", &Program::new().print("big\n").spin().build());
+    let fw = write_firmware(
+        &dir,
+        "fw.bin",
+        &Program::new().print("big\n").spin().build(),
+    );
     let mut cmd = ferrovisor();
     cmd.args(["run", "--memory", "8G", "--serial", "stdio", "--firmware"])
         .arg(&fw)
@@ -299,5 +369,8 @@ fn large_lazily_backed_memory_is_cheap() {
     child.stdout = Some(stdout);
     let out = wait_with_timeout(child, Duration::from_secs(10));
     assert_eq!(out.code(), 0, "{out:?}");
-    assert!(rss_kb < 256 * 1024, "VMM RSS {rss_kb} KiB for an idle 8 GiB guest");
+    assert!(
+        rss_kb < 256 * 1024,
+        "VMM RSS {rss_kb} KiB for an idle 8 GiB guest"
+    );
 }

@@ -78,7 +78,8 @@ impl Program {
     /// Loads an empty IDT and raises an exception: #GP, #DF, triple fault.
     pub fn triple_fault(mut self) -> Self {
         // lidt cs:[0xf800] (six zero bytes at image offset 0x800), then int3.
-        self.code.extend_from_slice(&[0x2e, 0x0f, 0x01, 0x1e, 0x00, 0xf8, 0xcc]);
+        self.code
+            .extend_from_slice(&[0x2e, 0x0f, 0x01, 0x1e, 0x00, 0xf8, 0xcc]);
         self
     }
 

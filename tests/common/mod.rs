@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod firmware;
+pub mod lab;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -28,7 +29,11 @@ fn required(var: &str) -> bool {
 /// Whether this machine's `/dev/kvm` can be opened; when not, prints why the test is skipped
 /// (or fails when CI, or `FERROVISOR_REQUIRE_KVM=1`, says KVM must be there).
 pub fn kvm_available(test: &str) -> bool {
-    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
         Ok(_) => true,
         Err(e) => {
             if required("FERROVISOR_REQUIRE_KVM") {
@@ -100,7 +105,9 @@ pub fn wait_with_timeout(mut child: Child, timeout: Duration) -> Output {
             let st = child.wait().unwrap();
             let stdout = out_t.join().unwrap();
             let stderr = err_t.join().unwrap();
-            panic!("timed out after {timeout:?} (status {st}); stdout:\n{stdout}\nstderr:\n{stderr}");
+            panic!(
+                "timed out after {timeout:?} (status {st}); stdout:\n{stdout}\nstderr:\n{stderr}"
+            );
         }
         std::thread::sleep(Duration::from_millis(10));
     };
@@ -141,4 +148,36 @@ pub fn exit_counts(stderr: &str) -> std::collections::HashMap<String, u64> {
         .filter_map(|kv| kv.split_once('='))
         .map(|(k, v)| (k.to_string(), v.parse().unwrap()))
         .collect()
+}
+
+/// The guest-asset cache (`guest/assets.sh` fills it).
+pub fn assets_dir() -> PathBuf {
+    if let Ok(c) = std::env::var("FERROVISOR_CACHE") {
+        return PathBuf::from(c).join("assets");
+    }
+    let base = std::env::var("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache")
+        });
+    base.join("ferrovisor/assets")
+}
+
+/// The guest assets, when built; prints why a test is skipped otherwise (fails in CI).
+pub fn guest_assets(test: &str) -> Option<PathBuf> {
+    let d = assets_dir();
+    if d.join("vmlinuz").exists() && d.join("initramfs.cpio.gz").exists() {
+        return Some(d);
+    }
+    if required("FERROVISOR_REQUIRE_ASSETS") {
+        panic!(
+            "{test}: guest assets missing in {} (run guest/assets.sh)",
+            d.display()
+        );
+    }
+    eprintln!(
+        "SKIPPED {test}: guest assets missing in {} (run guest/assets.sh)",
+        d.display()
+    );
+    None
 }

@@ -184,8 +184,13 @@ pub struct Vm {
     events_rx: Receiver<VmEvent>,
     control: Arc<RunControl>,
     flavour: KvmFlavour,
+    kernel_boot: bool,
     started: Instant,
 }
+
+/// On PVM, a kernel that is not PVM-aware spins inside KVM forever without a single exit; a
+/// kernel that makes no device access for this long is stopped and reported.
+pub const PVM_PROGRESS_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The command line the VMM puts before the user's.
 pub fn base_cmdline(kernel_console: bool) -> &'static str {
@@ -346,6 +351,7 @@ impl Vm {
             events_rx,
             control: Arc::new(RunControl::default()),
             flavour,
+            kernel_boot: config.kernel.is_some(),
             started,
         })
     }
@@ -387,7 +393,7 @@ impl Vm {
             .map_err(io_err("starting serial input"))?;
 
         let run_start = Instant::now();
-        let mut threads: Vec<(JoinHandle<()>, Arc<VcpuStats>)> = Vec::new();
+        let mut threads: Vec<(JoinHandle<Vcpu>, Arc<VcpuStats>)> = Vec::new();
         for vcpu in self.vcpus.drain(..) {
             let stats = vcpu.stats();
             let ctl = self.control.clone();
@@ -404,24 +410,39 @@ impl Vm {
             self.started.elapsed().as_secs_f64() * 1000.0
         );
 
-        let reason = match self.events_rx.recv() {
-            Ok(VmEvent::Request(VmRequest::Poweroff)) => ExitReason::Poweroff,
-            Ok(VmEvent::Request(VmRequest::Reset)) => ExitReason::Reset,
-            Ok(VmEvent::Request(VmRequest::Panic)) => ExitReason::Panic,
-            Ok(VmEvent::Fault(f)) => ExitReason::Fault(f),
-            Ok(VmEvent::Signal(sig)) => ExitReason::Stopped(Some(sig)),
-            Ok(VmEvent::UserQuit) => ExitReason::Stopped(None),
-            // Every sender gone: all vCPUs ended without saying why (cannot happen: a vCPU
-            // only leaves its loop after sending an event or when asked to stop).
-            Err(_) => ExitReason::Stopped(None),
-        };
+        let watchdog =
+            (self.kernel_boot && self.flavour == KvmFlavour::Pvm).then_some(PVM_PROGRESS_TIMEOUT);
+        let event = self.next_event(watchdog, &threads);
         let run_time = run_start.elapsed();
         signal_handle.close();
         self.stop_vcpus(&threads);
         let mut exits = ExitCounts::default();
-        for (_, stats) in &threads {
+        let mut vcpus = Vec::new();
+        for (handle, stats) in threads {
             exits.add(&stats.snapshot());
+            if let Ok(v) = handle.join() {
+                vcpus.push(v);
+            }
         }
+        let reason = match event {
+            Some(VmEvent::Request(VmRequest::Poweroff)) => ExitReason::Poweroff,
+            Some(VmEvent::Request(VmRequest::Reset)) => ExitReason::Reset,
+            Some(VmEvent::Request(VmRequest::Panic)) => ExitReason::Panic,
+            Some(VmEvent::Fault(f)) => ExitReason::Fault(f),
+            Some(VmEvent::Signal(sig)) => ExitReason::Stopped(Some(sig)),
+            Some(VmEvent::UserQuit) => ExitReason::Stopped(None),
+            // The PVM watchdog fired: the kernel never touched a device.
+            None => ExitReason::Fault(Box::new(FaultReport {
+                vcpu: 0,
+                kind: format!(
+                    "no progress: the guest kernel made no device access in {} s; this host's \
+KVM is PVM and the kernel is not PVM-aware",
+                    PVM_PROGRESS_TIMEOUT.as_secs()
+                ),
+                registers: vcpus.first().map(Vcpu::registers).unwrap_or_default(),
+                hint: Some(PVM_HINT.to_string()),
+            })),
+        };
         Ok(VmOutcome {
             reason,
             exits,
@@ -429,9 +450,33 @@ impl Vm {
         })
     }
 
+    /// Waits for the event that ends the VM. With `watchdog`, gives up (`None`) when no vCPU
+    /// has exited to the VMM by then.
+    fn next_event(
+        &self,
+        watchdog: Option<Duration>,
+        threads: &[(JoinHandle<Vcpu>, Arc<VcpuStats>)],
+    ) -> Option<VmEvent> {
+        if let Some(limit) = watchdog {
+            match self.events_rx.recv_timeout(limit) {
+                Ok(ev) => return Some(ev),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    let exits: u64 = threads.iter().map(|(_, s)| s.snapshot().total()).sum();
+                    if exits == 0 {
+                        return None;
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    return Some(VmEvent::UserQuit)
+                }
+            }
+        }
+        // Every sender gone cannot happen (the VM holds one); treat it as a stop.
+        Some(self.events_rx.recv().unwrap_or(VmEvent::UserQuit))
+    }
     /// Stops every vCPU thread: sets the stop flag, then kicks the threads until they have
     /// left `KVM_RUN` (a kick can race with a thread entering it, so it is repeated).
-    fn stop_vcpus(&self, threads: &[(JoinHandle<()>, Arc<VcpuStats>)]) {
+    fn stop_vcpus(&self, threads: &[(JoinHandle<Vcpu>, Arc<VcpuStats>)]) {
         self.control.request_stop();
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {

@@ -281,7 +281,7 @@ impl Vcpu {
 
     /// Runs until stopped or until the guest does something that ends the VM; reports that
     /// through `events`.
-    pub fn run(mut self, ctl: Arc<RunControl>, events: Sender<VmEvent>) {
+    pub fn run(mut self, ctl: Arc<RunControl>, events: Sender<VmEvent>) -> Vcpu {
         while ctl.wait_runnable() {
             if let Some(end) = self.run_once() {
                 let event = self.resolve(end);
@@ -291,6 +291,12 @@ impl Vcpu {
             }
         }
         tracing::debug!(vcpu = self.id, "vCPU thread exits");
+        self
+    }
+
+    /// This vCPU's registers, formatted (after its thread has returned it).
+    pub fn registers(&self) -> String {
+        dump_registers(&self.fd)
     }
 
     /// One `KVM_RUN` and the handling of its exit; `Some` when the VM must end.

@@ -1,0 +1,123 @@
+//! The lab: a real hardware-virtualization KVM inside QEMU-TCG with emulated AMD SVM (see
+//! `tests/lab/README.md`). A test hands it a shell scenario; `tests/lab/lab.sh` boots the lab
+//! with `ferrovisor`, the guest kernel and initramfs inside, runs the scenario and prints the
+//! serial output, which the test reads.
+
+use super::{root, run, scratch, Output};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+/// Shell functions every scenario starts with.
+///
+/// `fv NAME ARGS...` runs `ferrovisor run ARGS...` (stdin from /dev/null, a timeout), framed by
+/// `=== BEGIN NAME` and `=== END NAME exit=STATUS ms=ELAPSED` lines.
+pub const PRELUDE: &str = r#"
+now_ms() { read up _ < /proc/uptime; echo "${up%.*}${up#*.}0"; }
+fv() {
+    name=$1; shift
+    echo "=== BEGIN $name"
+    t0=$(now_ms)
+    timeout "${FV_TIMEOUT:-240}" ferrovisor run "$@" </dev/null
+    rc=$?
+    t1=$(now_ms)
+    echo "=== END $name exit=$rc ms=$((t1 - t0))"
+}
+"#;
+
+/// Whether the lab can run here; prints why not (or fails where it is required: CI, or
+/// `FERROVISOR_REQUIRE_LAB=1`).
+pub fn lab_available(test: &str) -> bool {
+    let have_qemu = Command::new("sh")
+        .args(["-c", "command -v qemu-system-x86_64"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    let required = std::env::var("FERROVISOR_REQUIRE_LAB")
+        .map(|v| v == "1")
+        .unwrap_or(false)
+        || std::env::var("CI").is_ok();
+    if have_qemu {
+        return true;
+    }
+    if required {
+        panic!("{test}: the lab is required here but qemu-system-x86_64 is missing (run .ci/run or apt-get install qemu-system-x86)");
+    }
+    eprintln!("SKIPPED {test}: qemu-system-x86_64 is not installed (the lab needs it)");
+    false
+}
+
+/// One scenario's output.
+pub struct LabRun {
+    pub output: Output,
+}
+
+/// A `fv` section of the scenario.
+#[derive(Debug)]
+pub struct Section {
+    pub text: String,
+    pub exit: i32,
+    pub ms: u64,
+}
+
+impl LabRun {
+    /// The text between `=== BEGIN name` and its `=== END` line.
+    pub fn section(&self, name: &str) -> Section {
+        let out = &self.output.stdout;
+        let begin = format!("=== BEGIN {name}\n");
+        let start = out
+            .find(&begin)
+            .unwrap_or_else(|| panic!("no section {name} in lab output:\n{out}"))
+            + begin.len();
+        let end_marker = format!("=== END {name} exit=");
+        let end = out[start..]
+            .find(&end_marker)
+            .map(|e| start + e)
+            .unwrap_or_else(|| panic!("section {name} never ended:\n{}", &out[start..]));
+        let tail = &out[end + end_marker.len()..];
+        let line = tail.lines().next().unwrap_or_default();
+        let mut parts = line.split_whitespace();
+        let exit = parts.next().and_then(|v| v.parse().ok()).unwrap_or(-1);
+        let ms = parts
+            .next()
+            .and_then(|v| v.strip_prefix("ms="))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        Section {
+            text: out[start..end].to_string(),
+            exit,
+            ms,
+        }
+    }
+}
+
+/// Runs `scenario` (after [`PRELUDE`]) in the lab, with `adds` (host path → path in the lab).
+pub fn run_scenario(
+    name: &str,
+    scenario: &str,
+    adds: &[(PathBuf, &str)],
+    timeout: Duration,
+) -> LabRun {
+    let dir = scratch(&format!("lab-{name}"));
+    let script = dir.join("scenario.sh");
+    std::fs::write(&script, format!("{PRELUDE}\n{scenario}\n")).unwrap();
+    let mut cmd = Command::new(root().join("tests/lab/lab.sh"));
+    cmd.arg("--ferrovisor")
+        .arg(super::ferrovisor_path())
+        .arg("--scenario")
+        .arg(&script);
+    for (src, dest) in adds {
+        cmd.arg("--add").arg(format!("{}:{}", src.display(), dest));
+    }
+    let output = run(cmd, timeout);
+    // Keep the whole serial log for whoever reads the CI output.
+    let log = dir.join("lab.log");
+    let _ = std::fs::write(&log, &output.stdout);
+    eprintln!("lab log: {}", log.display());
+    LabRun { output }
+}
+
+/// Whether `path` exists (for optional lab inputs).
+pub fn exists(p: &Path) -> bool {
+    p.exists()
+}
