@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs the Debian packages Ferrovisor's build, tests and lab need (idempotent: installs only
+# what is missing). The guest kernel and busybox are NOT installed: guest/assets.sh downloads and
+# unpacks them into the cache.
+set -euo pipefail
+
+need=()
+have() { command -v "$1" >/dev/null 2>&1; }
+have qemu-system-x86_64 || need+=(qemu-system-x86)
+have cpio || need+=(cpio)
+have xz || need+=(xz-utils)
+have zstd || need+=(zstd)
+have setpriv || need+=(util-linux)
+have flock || need+=(util-linux)
+have strip || need+=(binutils)
+have timeout || need+=(coreutils)
+[ -e /usr/share/qemu/bios-microvm.bin ] || need+=(qemu-system-data)
+[ -e /usr/share/seabios/bios-256k.bin ] || need+=(seabios)
+
+if [ ${#need[@]} -eq 0 ]; then
+  exit 0
+fi
+SUDO=""
+[ "$(id -u)" = 0 ] || SUDO=sudo
+echo "install-deps: installing ${need[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get install -y -q --no-install-recommends "${need[@]}" >&2 ||
+  { $SUDO apt-get update -q >&2 && $SUDO apt-get install -y -q --no-install-recommends "${need[@]}" >&2; }

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Runs every check and test: formatting, clippy, unit tests, tiny guests on this machine's KVM,
+# bad input, and the lab scenarios (stock Debian guests on a real hardware-virtualization KVM
+# inside QEMU-TCG). Installs what the tests need first.
+#
+#   scripts/test.sh                 everything
+#   scripts/test.sh -- FILTER       pass FILTER (and more cargo test args) through
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/install-deps.sh
+guest/assets.sh >/dev/null
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --release -- -D warnings
+# One build (release) serves the tests, the lab (smaller binary, faster to boot under TCG) and
+# the README's main command.
+cargo test --workspace --release "${@}"
