@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared helpers for guest/assets.sh and tests/lab/lab.sh (sourced, not run).
 # Expects `set -euo pipefail` in the caller and LOG_TAG set for messages.
 
@@ -13,6 +14,8 @@ die() { echo "${LOG_TAG:-ferrovisor}: error: $*" >&2; exit 1; }
 _SCRATCH=()
 _cleanup() { [ ${#_SCRATCH[@]} = 0 ] || rm -rf "${_SCRATCH[@]}"; }
 trap _cleanup EXIT
+trap "exit 130" INT
+trap "exit 143" TERM
 scratch() {
   local d
   d="$(mktemp -d "${2:-${TMPDIR:-/tmp}}/.ferrovisor-tmp.XXXXXX")"

@@ -109,7 +109,9 @@ pub fn run_scenario(
     for (src, dest) in adds {
         cmd.arg("--add").arg(format!("{}:{}", src.display(), dest));
     }
-    let output = run(cmd, timeout);
+    let mut output = run(cmd, timeout);
+    // The lab's console ends lines with CR LF.
+    output.stdout = output.stdout.replace('\r', "");
     // Keep the whole serial log for whoever reads the CI output.
     let log = dir.join("lab.log");
     let _ = std::fs::write(&log, &output.stdout);
