@@ -12,8 +12,11 @@ use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// Ctrl-A: the console escape key on a terminal (`Ctrl-A x` quits, `Ctrl-A Ctrl-A` sends one).
+/// Ctrl-A: the console escape key on a terminal (`Ctrl-A x` quits, `Ctrl-A c` sends a Ctrl-C to
+/// the guest, `Ctrl-A Ctrl-A` sends a Ctrl-A).
 pub const ESCAPE: u8 = 0x01;
+/// Ctrl-C: on a terminal it stops the VM, like SIGINT would in cooked mode.
+pub const CTRL_C: u8 = 0x03;
 
 type SharedStream = Arc<Mutex<Option<UnixStream>>>;
 
@@ -132,7 +135,7 @@ impl Console {
     }
 
     /// Starts feeding input into `serial` (from the terminal or socket clients). On a terminal,
-    /// switches it to raw mode until the console is dropped; `Ctrl-A x` sends
+    /// switches it to raw mode until the console is dropped; Ctrl-C and `Ctrl-A x` send
     /// [`VmEvent::UserQuit`].
     pub fn start_input(
         &mut self,
@@ -205,9 +208,13 @@ fn pump(mut input: impl Read, serial: &Mutex<Serial>, escape_events: Option<&Sen
         for &b in &buf[..n] {
             match (escape_events, escaped, b) {
                 (Some(_), false, ESCAPE) => escaped = true,
-                (Some(ev), true, b'x' | b'X') => {
+                (Some(ev), false, CTRL_C) | (Some(ev), true, b'x' | b'X') => {
                     let _ = ev.send(VmEvent::UserQuit);
                     return;
+                }
+                (Some(_), true, b'c' | b'C') => {
+                    escaped = false;
+                    data.push(CTRL_C);
                 }
                 (Some(_), true, _) => {
                     escaped = false;

@@ -214,7 +214,6 @@ pub fn boot_fpu() -> kvm_fpu {
 
 /// MSRs set on every vCPU.
 pub fn boot_msrs() -> Vec<kvm_msr_entry> {
-    const MSR_IA32_TSC: u32 = 0x10;
     const MSR_IA32_SYSENTER_CS: u32 = 0x174;
     const MSR_IA32_SYSENTER_ESP: u32 = 0x175;
     const MSR_IA32_SYSENTER_EIP: u32 = 0x176;
@@ -239,7 +238,6 @@ pub fn boot_msrs() -> Vec<kvm_msr_entry> {
         e(MSR_KERNEL_GS_BASE, 0),
         e(MSR_SYSCALL_MASK, 0),
         e(MSR_LSTAR, 0),
-        e(MSR_IA32_TSC, 0),
         // Fast strings.
         e(MSR_IA32_MISC_ENABLE, 1),
         // MTRRs enabled, default type write-back.
