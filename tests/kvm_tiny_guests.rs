@@ -100,6 +100,25 @@ fn acpi_reset_register_ends_with_zero() {
 }
 
 #[test]
+fn cf9_reset_control_ends_with_zero() {
+    if !kvm_available("cf9_reset_control_ends_with_zero") {
+        return;
+    }
+    // Linux's sequence on a hardware-reduced ACPI machine: request a hard reset, then reset.
+    let out = run_fw(
+        "cf9",
+        Program::new()
+            .in8(0xcf9)
+            .out8(0xcf9, 0x02)
+            .out8(0xcf9, 0x0e)
+            .build(),
+        &["--serial", "null"],
+    );
+    assert_eq!(out.code(), 0, "{out:?}");
+    assert!(out.stderr.contains("guest rebooted"), "{}", out.stderr);
+}
+
+#[test]
 fn pvpanic_ends_with_distinct_status() {
     if !kvm_available("pvpanic_ends_with_distinct_status") {
         return;

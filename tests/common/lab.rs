@@ -18,7 +18,8 @@ fv() {
     name=$1; shift
     echo "=== BEGIN $name"
     t0=$(now_ms)
-    timeout "${FV_TIMEOUT:-240}" ferrovisor run "$@" </dev/null
+    # SIGKILL on timeout: ferrovisor stops cleanly (status 0) on SIGTERM, which would hide a hang.
+    timeout -s KILL "${FV_TIMEOUT:-240}" ferrovisor run "$@" </dev/null
     rc=$?
     t1=$(now_ms)
     echo "=== END $name exit=$rc ms=$((t1 - t0))"

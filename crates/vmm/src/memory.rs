@@ -40,6 +40,8 @@ pub const CMDLINE_START: u64 = 0x20000;
 pub const EBDA_START: u64 = 0x9fc00;
 /// ACPI tables (the RSDP is found here by address or by the legacy BIOS-area scan).
 pub const ACPI_START: u64 = 0xe0000;
+/// The real-mode reset vector (F000:FFF0) inside the legacy BIOS area.
+pub const BIOS_RESET_VECTOR: u64 = 0xffff0;
 /// End of the legacy BIOS area.
 pub const BIOS_END: u64 = 0x10_0000;
 /// Where high memory starts: the kernel is loaded here.

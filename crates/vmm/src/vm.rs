@@ -11,7 +11,9 @@ use crate::cpu::regs::{BootEntry, RegsError};
 use crate::cpu::{self, ExitCounts, RunControl, Vcpu, VcpuSetup, VcpuStats};
 use crate::kvm::{self, KvmError, KvmFlavour, PVM_HINT};
 use crate::memory::{self, KVM_IDENTITY_MAP_START, KVM_TSS_START};
-use devices::legacy::{AcpiPm, PvPanic, Serial, ACPI_PM_LEN, I8042};
+use devices::legacy::{
+    AcpiPm, PvPanic, ResetControl, Serial, ACPI_PM_LEN, I8042, RESET_CONTROL_PORT,
+};
 use devices::{Bus, Interrupt, VmRequest, VmRequestFn};
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
@@ -282,6 +284,12 @@ impl Vm {
         )
         .map_err(dev_err)?;
         pio.insert(
+            Arc::new(Mutex::new(ResetControl::new(sink.clone()))),
+            u64::from(RESET_CONTROL_PORT),
+            1,
+        )
+        .map_err(dev_err)?;
+        pio.insert(
             Arc::new(Mutex::new(AcpiPm::new(sink))),
             u64::from(ACPI_PM_PORT),
             ACPI_PM_LEN,
@@ -421,6 +429,7 @@ impl Vm {
         for (handle, stats) in threads {
             exits.add(&stats.snapshot());
             if let Ok(v) = handle.join() {
+                tracing::debug!("vCPU {} at exit:\n{}", v.id(), v.registers());
                 vcpus.push(v);
             }
         }

@@ -1,13 +1,16 @@
-//! Legacy PC devices: COM1 serial, the i8042 reset line, pvpanic and the ACPI power controls.
+//! Legacy PC devices: COM1 serial, the i8042 reset line, the 0xcf9 reset register, pvpanic and
+//! the ACPI power controls.
 
 mod acpi_pm;
 mod i8042;
 mod pvpanic;
+mod reset_control;
 mod serial;
 
 pub use acpi_pm::{AcpiPm, ACPI_PM_LEN, RESET_VALUE, S5_SLP_TYP, SLP_EN};
 pub use i8042::I8042;
 pub use pvpanic::{PvPanic, PVPANIC_CAPABILITIES, PVPANIC_CRASH_LOADED, PVPANIC_PANICKED};
+pub use reset_control::{ResetControl, RESET_CONTROL_PORT, RST_CPU};
 pub use serial::{Serial, SerialOutput};
 
 use crate::{VmRequest, VmRequestFn};

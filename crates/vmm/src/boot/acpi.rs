@@ -4,7 +4,7 @@
 //! sleep-control and reset registers (the [`devices::legacy::AcpiPm`] port block). Devices that
 //! a stock kernel can only find through firmware (pvpanic, virtio-mmio) are in the DSDT.
 
-use crate::memory::{ACPI_START, BIOS_END, IOAPIC_START, LAPIC_START};
+use crate::memory::{ACPI_START, BIOS_RESET_VECTOR, IOAPIC_START, LAPIC_START};
 use acpi_tables::aml;
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
@@ -198,7 +198,7 @@ pub fn create_acpi_tables(
     let mut next = align(rsdp_addr + Rsdp::len() as u64);
     let mut place = |bytes: &[u8]| -> Result<u64, AcpiError> {
         let addr = next;
-        if addr + bytes.len() as u64 > BIOS_END {
+        if addr + bytes.len() as u64 > BIOS_RESET_VECTOR {
             return Err(AcpiError::TooLarge(addr + bytes.len() as u64 - ACPI_START));
         }
         mem.write_slice(bytes, GuestAddress(addr))

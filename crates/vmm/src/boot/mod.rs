@@ -6,8 +6,8 @@ pub mod acpi;
 use crate::config::{KernelFormat, CMDLINE_MAX};
 use crate::cpu::regs::BootEntry;
 use crate::memory::{
-    e820_map, low_ram_end, E820Entry, CMDLINE_START, HIMEM_START, PVH_INFO_START, PVH_MEMMAP_START,
-    PVH_MODLIST_START, ZERO_PAGE_START,
+    e820_map, low_ram_end, E820Entry, BIOS_RESET_VECTOR, CMDLINE_START, HIMEM_START,
+    PVH_INFO_START, PVH_MEMMAP_START, PVH_MODLIST_START, ZERO_PAGE_START,
 };
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::pvh::PvhBootConfigurator;
@@ -92,9 +92,22 @@ fn open(what: &'static str, path: &Path) -> Result<File, BootError> {
     })
 }
 
+/// What sits at the real-mode reset vector: pulse the reset line through the i8042
+/// (`mov al, 0xfe; out 0x64, al`), then `cli; hlt` in a loop.
+///
+/// There is no BIOS, but Linux may still jump to F000:FFF0 to reboot: on a hardware-reduced ACPI
+/// machine its default reboot order is EFI, then "BIOS" (a real-mode jump to the reset vector),
+/// and only then port 0xcf9. This stub makes that jump a reset, as a real BIOS would.
+pub const RESET_VECTOR_STUB: [u8; 8] = [0xb0, 0xfe, 0xe6, 0x64, 0xfa, 0xf4, 0xeb, 0xfd];
+
 /// Loads the kernel, initrd and command line into `mem` and writes the boot parameters;
 /// returns how the boot vCPU enters the kernel.
 pub fn load_linux(mem: &GuestMemoryMmap, b: &LinuxBoot<'_>) -> Result<BootEntry, BootError> {
+    mem.write_slice(&RESET_VECTOR_STUB, GuestAddress(BIOS_RESET_VECTOR))
+        .map_err(|e| BootError::Memory {
+            what: "reset vector stub",
+            reason: e.to_string(),
+        })?;
     let mut kf = open("kernel", b.kernel)?;
     let kernel_err = |e: linux_loader::loader::Error| BootError::Kernel {
         path: b.kernel.to_path_buf(),
