@@ -1,0 +1,50 @@
+# The two VMM command lines the benchmarks compare, in one place (POSIX sh:
+# sourced by bench/startup.sh on the host and by bench/boot-lab.sh in the lab).
+# See bench/README.md for why each flag is there.
+#
+#   vmm_cmd VMM KERNEL INITRD ARGS [PREFIX...]
+#
+# runs PREFIX... followed by the VMM's command line (VMM: ferrovisor | qemu)
+# booting KERNEL + INITRD with $BENCH_CPUS vCPUs and $BENCH_MEM of memory and
+# the kernel command line "console=ttyS0 ARGS" on the serial console on
+# stdout. PREFIX may be `exec`, `show_cmd` (print the command), a launcher, ...
+#
+# Ferrovisor prepends console=ttyS0 itself; QEMU is given it explicitly, so
+# the guest kernels see the same command line (the guest's fv.action=hold
+# prints it as FV-CMDLINE, and bench/boot.sh checks they match).
+
+BENCH_CPUS=${BENCH_CPUS:-2}
+BENCH_MEM=${BENCH_MEM:-512M}
+FERROVISOR=${FERROVISOR:-ferrovisor}
+QEMU=${QEMU:-qemu-system-x86_64}
+
+# show_cmd ARGS...: print ARGS as a shell command line (quoting those with
+# spaces).
+show_cmd() {
+  _line=
+  for _a in "$@"; do
+    case "$_a" in
+      *[[:space:]]*|'') _line="$_line '$_a'" ;;
+      *) _line="$_line $_a" ;;
+    esac
+  done
+  echo "${_line# }"
+}
+
+vmm_cmd() {
+  _vmm=$1 _kernel=$2 _initrd=$3 _args=$4
+  shift 4
+  case "$_vmm" in
+    ferrovisor)
+      "$@" "$FERROVISOR" run --kernel "$_kernel" --initrd "$_initrd" \
+        --cpus "$BENCH_CPUS" --memory "$BENCH_MEM" \
+        --cmdline "$_args" --serial stdio ;;
+    qemu)
+      "$@" "$QEMU" -M microvm,isa-serial=on,rtc=on -accel kvm -cpu host \
+        -smp "$BENCH_CPUS" -m "$BENCH_MEM" \
+        -nodefaults -no-user-config -display none -serial stdio \
+        -kernel "$_kernel" -initrd "$_initrd" -append "console=ttyS0 $_args" ;;
+    *)
+      echo "vmm_cmd: unknown VMM $_vmm" >&2; return 2 ;;
+  esac
+}
