@@ -15,4 +15,4 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --release -- -D warnings
 # One build (release) serves the tests, the lab (smaller binary, faster to boot under TCG) and
 # the README's main command.
-cargo test --workspace --release "${@}"
+cargo test --workspace --release "$@" -- --nocapture
