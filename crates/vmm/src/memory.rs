@@ -258,6 +258,35 @@ pub fn create_firmware_memory(image: &[u8]) -> Result<GuestMemoryMmap, MemoryErr
     Ok(mem)
 }
 
+/// Registers every region of `mem` with KVM as a memory slot, numbering from `first_slot`;
+/// returns the next free slot.
+pub fn register_with_kvm(
+    vm: &kvm_ioctls::VmFd,
+    mem: &GuestMemoryMmap,
+    first_slot: u32,
+) -> Result<u32, kvm_ioctls::Error> {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    let mut slot = first_slot;
+    for region in mem.iter() {
+        let host = region
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|_| kvm_ioctls::Error::new(libc::EFAULT))?;
+        let desc = kvm_bindings::kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: `host` points at a mapping of `region.len()` bytes owned by `mem`, which the
+        // caller keeps alive for as long as the VM (the Vm struct owns both and drops the VM fd
+        // first). KVM only accesses guest memory through this mapping.
+        unsafe { vm.set_user_memory_region(desc) }?;
+        slot += 1;
+    }
+    Ok(slot)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -334,33 +363,4 @@ mod tests {
         let fw = create_firmware_memory(&[0x90; 4096]).unwrap();
         assert_eq!(fw.read_obj::<u8>(GuestAddress(0xffff_fff0)).unwrap(), 0x90);
     }
-}
-
-/// Registers every region of `mem` with KVM as a memory slot, numbering from `first_slot`;
-/// returns the next free slot.
-pub fn register_with_kvm(
-    vm: &kvm_ioctls::VmFd,
-    mem: &GuestMemoryMmap,
-    first_slot: u32,
-) -> Result<u32, kvm_ioctls::Error> {
-    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
-    let mut slot = first_slot;
-    for region in mem.iter() {
-        let host = region
-            .get_host_address(vm_memory::MemoryRegionAddress(0))
-            .map_err(|_| kvm_ioctls::Error::new(libc::EFAULT))?;
-        let desc = kvm_bindings::kvm_userspace_memory_region {
-            slot,
-            flags: 0,
-            guest_phys_addr: region.start_addr().0,
-            memory_size: region.len(),
-            userspace_addr: host as u64,
-        };
-        // SAFETY: `host` points at a mapping of `region.len()` bytes owned by `mem`, which the
-        // caller keeps alive for as long as the VM (the Vm struct owns both and drops the VM fd
-        // first). KVM only accesses guest memory through this mapping.
-        unsafe { vm.set_user_memory_region(desc) }?;
-        slot += 1;
-    }
-    Ok(slot)
 }
