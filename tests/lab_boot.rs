@@ -57,6 +57,15 @@ fn stock_kernel_boots_powers_off_reboots_and_panics() {
             s.ms
         ));
     }
+    // The bzImage boot is not quiet: the kernel names its CPU, from the brand string the VMM
+    // passes through (the lab's CPU is QEMU's EPYC model).
+    let s = lab.section("bzimage");
+    assert!(
+        s.text.contains("smpboot: CPU0: AMD EPYC"),
+        "CPU brand string missing:\n{}",
+        s.text
+    );
+
     let s = lab.section("reboot");
     assert!(s.text.contains("FERROVISOR-INIT-REACHED"), "{}", s.text);
     assert_eq!(s.exit, 0, "reboot must exit 0:\n{}", s.text);

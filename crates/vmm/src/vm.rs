@@ -336,6 +336,7 @@ impl Vm {
             host_cpuid: &host_cpuid,
             vcpu_count: config.cpus,
             pmu: config.pmu,
+            brand: cpu::cpuid::host_brand(),
             entry,
             mem: &mem,
         };

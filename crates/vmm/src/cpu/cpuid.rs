@@ -16,6 +16,24 @@ pub struct CpuidParams {
     pub pmu: bool,
 }
 
+/// The processor brand string leaves (0x8000_0002..=0x8000_0004).
+const BRAND_LEAVES: std::ops::RangeInclusive<u32> = 0x8000_0002..=0x8000_0004;
+
+/// The host CPU's brand string registers (EAX..EDX of leaves 0x8000_0002..=0x8000_0004), as the
+/// CPUID instruction reports them to the VMM.
+pub fn host_brand() -> Option<[u32; 12]> {
+    let max_ext = std::arch::x86_64::__cpuid(0x8000_0000).eax;
+    if max_ext < *BRAND_LEAVES.end() {
+        return None;
+    }
+    let mut regs = [0u32; 12];
+    for (i, leaf) in BRAND_LEAVES.enumerate() {
+        let r = std::arch::x86_64::__cpuid(leaf);
+        regs[i * 4..i * 4 + 4].copy_from_slice(&[r.eax, r.ebx, r.ecx, r.edx]);
+    }
+    Some(regs)
+}
+
 // Leaf 1.
 const L1_ECX_VMX: u32 = 1 << 5;
 const L1_ECX_PDCM: u32 = 1 << 15;
@@ -70,8 +88,13 @@ fn topology_leaf(function: u32, index: u32, count: u32, apic_id: u32) -> kvm_cpu
     }
 }
 
-/// Builds one vCPU's CPUID from the host's supported set.
-pub fn filter_cpuid(host: &[kvm_cpuid_entry2], p: CpuidParams) -> Vec<kvm_cpuid_entry2> {
+/// Builds one vCPU's CPUID from the host's supported set. `brand` (see [`host_brand`]) fills the
+/// brand-string leaves where KVM leaves them out or empty, so the guest names its CPU.
+pub fn filter_cpuid(
+    host: &[kvm_cpuid_entry2],
+    p: CpuidParams,
+    brand: Option<[u32; 12]>,
+) -> Vec<kvm_cpuid_entry2> {
     let amd = is_amd(host);
     let count = p.vcpu_count.max(1);
     let id = p.vcpu_id;
@@ -162,6 +185,28 @@ pub fn filter_cpuid(host: &[kvm_cpuid_entry2], p: CpuidParams) -> Vec<kvm_cpuid_
     {
         out.retain(|e| e.function != 0x8000_001e);
     }
+    let max_ext = out
+        .iter()
+        .find(|e| e.function == 0x8000_0000)
+        .map(|e| e.eax)
+        .unwrap_or(0);
+    if let (Some(brand), true) = (brand, max_ext >= *BRAND_LEAVES.end()) {
+        for (i, leaf) in BRAND_LEAVES.enumerate() {
+            let regs = &brand[i * 4..i * 4 + 4];
+            match out.iter_mut().find(|e| e.function == leaf) {
+                Some(e) if e.eax | e.ebx | e.ecx | e.edx != 0 => {}
+                Some(e) => (e.eax, e.ebx, e.ecx, e.edx) = (regs[0], regs[1], regs[2], regs[3]),
+                None => out.push(kvm_cpuid_entry2 {
+                    function: leaf,
+                    eax: regs[0],
+                    ebx: regs[1],
+                    ecx: regs[2],
+                    edx: regs[3],
+                    ..Default::default()
+                }),
+            }
+        }
+    }
     if !out.iter().any(|e| e.function == KVM_SIGNATURE_LEAF) {
         out.push(kvm_cpuid_entry2 {
             function: KVM_SIGNATURE_LEAF,
@@ -228,6 +273,7 @@ mod tests {
                     vcpu_count: 4,
                     pmu: false,
                 },
+                None,
             );
             let l1 = find(&v, 1, 0);
             assert_eq!(l1.ebx >> 24, id);
@@ -258,6 +304,7 @@ mod tests {
                 vcpu_count: 1,
                 pmu: false,
             },
+            None,
         );
         let l1 = find(&v, 1, 0);
         assert_ne!(l1.ecx & L1_ECX_HYPERVISOR, 0);
@@ -283,6 +330,7 @@ mod tests {
                 vcpu_count: 1,
                 pmu: true,
             },
+            None,
         );
         assert_eq!(find(&v, 0xa, 0).eax, 0x0804_0002);
         assert_ne!(find(&v, 1, 0).ecx & L1_ECX_PDCM, 0);
@@ -312,6 +360,7 @@ mod tests {
                 vcpu_count: 3,
                 pmu: false,
             },
+            None,
         );
         let e1 = find(&v, 0x8000_0001, 0);
         assert_eq!(e1.ecx & (E1_ECX_SVM | E1_ECX_PERFCTR_CORE), 0);
@@ -326,6 +375,56 @@ mod tests {
         assert_eq!(find(&v, 0xb, 1).ebx, 3);
         // KVM leaf synthesized when the host list lacks it.
         assert_eq!(find(&v, 0x4000_0000, 0).ebx, KVM_SIGNATURE[0]);
+    }
+
+    #[test]
+    fn brand_string_filled_when_missing_and_kept_when_present() {
+        let mut brand = [0u32; 12];
+        for (i, chunk) in b"Ferrovisor Test CPU @ 1.00GHz\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0"
+            .chunks(4)
+            .take(12)
+            .enumerate()
+        {
+            brand[i] = u32::from_le_bytes(chunk.try_into().unwrap());
+        }
+        let mut host = intel_host();
+        host.push(leaf(0x8000_0000, 0, 0x8000_0008, 0, 0, 0));
+        host.push(leaf(0x8000_0003, 0, 0, 0, 0, 0));
+        let p = CpuidParams {
+            vcpu_id: 0,
+            vcpu_count: 1,
+            pmu: false,
+        };
+        let v = filter_cpuid(&host, p, Some(brand));
+        let mut s = Vec::new();
+        for f in 0x8000_0002..=0x8000_0004u32 {
+            let e = find(&v, f, 0);
+            for r in [e.eax, e.ebx, e.ecx, e.edx] {
+                s.extend_from_slice(&r.to_le_bytes());
+            }
+        }
+        assert!(
+            s.starts_with(b"Ferrovisor Test CPU"),
+            "{:?}",
+            String::from_utf8_lossy(&s)
+        );
+        assert_eq!(v.iter().filter(|e| e.function == 0x8000_0003).count(), 1);
+        // A brand KVM already reports is kept.
+        host.retain(|e| e.function != 0x8000_0003);
+        host.push(leaf(0x8000_0002, 0, 1, 2, 3, 4));
+        let v = filter_cpuid(&host, p, Some(brand));
+        assert_eq!(find(&v, 0x8000_0002, 0).eax, 1);
+        // No brand leaves below the maximum extended leaf.
+        let short: Vec<_> = intel_host();
+        assert!(!filter_cpuid(&short, p, Some(brand))
+            .iter()
+            .any(|e| BRAND_LEAVES.contains(&e.function)));
+    }
+
+    #[test]
+    fn host_brand_reads_the_cpu() {
+        let b = host_brand().expect("every x86-64 CPU since 2004 has a brand string");
+        assert!(b.iter().any(|&r| r != 0));
     }
 
     #[test]

@@ -194,6 +194,8 @@ pub struct VcpuSetup<'a> {
     pub vcpu_count: u32,
     /// Expose the PMU.
     pub pmu: bool,
+    /// The host's CPU brand string ([`cpuid::host_brand`]).
+    pub brand: Option<[u32; 12]>,
     /// Entry state for the boot vCPU (ignored for the others, which wait for INIT/SIPI).
     pub entry: BootEntry,
     /// Guest memory (for the boot GDT and page tables).
@@ -224,6 +226,7 @@ impl Vcpu {
                 vcpu_count: setup.vcpu_count,
                 pmu: setup.pmu,
             },
+            setup.brand,
         );
         let cpuid = CpuId::from_entries(&entries).map_err(|_| RegsError::Kvm {
             vcpu: id,
