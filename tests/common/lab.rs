@@ -99,6 +99,17 @@ pub fn run_scenario(
     adds: &[(PathBuf, &str)],
     timeout: Duration,
 ) -> LabRun {
+    run_scenario_with(name, scenario, adds, &[], timeout)
+}
+
+/// Same, with extra `tests/lab/lab.sh` arguments (e.g. `--mem 6144`).
+pub fn run_scenario_with(
+    name: &str,
+    scenario: &str,
+    adds: &[(PathBuf, &str)],
+    lab_args: &[&str],
+    timeout: Duration,
+) -> LabRun {
     let dir = scratch(&format!("lab-{name}"));
     let script = dir.join("scenario.sh");
     std::fs::write(&script, format!("{PRELUDE}\n{scenario}\n")).unwrap();
@@ -106,7 +117,8 @@ pub fn run_scenario(
     cmd.arg("--ferrovisor")
         .arg(super::ferrovisor_path())
         .arg("--scenario")
-        .arg(&script);
+        .arg(&script)
+        .args(lab_args);
     for (src, dest) in adds {
         cmd.arg("--add").arg(format!("{}:{}", src.display(), dest));
     }
