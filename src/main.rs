@@ -73,6 +73,9 @@ struct RunArgs {
     /// Expose the host's performance counters (PMU) to the guest.
     #[arg(long)]
     pmu: bool,
+    /// Add a virtio-rng entropy device (the guest's /dev/hwrng), fed from the host's getrandom.
+    #[arg(long)]
+    rng: bool,
     /// A VmConfig JSON file; flags given on the command line override its fields.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -119,6 +122,7 @@ impl RunArgs {
             cfg.serial = s.clone();
         }
         cfg.pmu |= self.pmu;
+        cfg.rng |= self.rng;
         Ok(cfg)
     }
 }

@@ -255,6 +255,9 @@ pub struct VmConfig {
     /// Expose the host PMU (performance counters) to the guest.
     #[serde(default)]
     pub pmu: bool,
+    /// A virtio-rng entropy device fed from the host's getrandom.
+    #[serde(default)]
+    pub rng: bool,
 }
 
 impl Default for VmConfig {
@@ -268,6 +271,7 @@ impl Default for VmConfig {
             memory: default_memory(),
             serial: SerialConfig::default(),
             pmu: false,
+            rng: false,
         }
     }
 }

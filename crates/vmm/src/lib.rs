@@ -8,6 +8,7 @@ pub mod cpu;
 pub mod kvm;
 pub mod memory;
 pub mod terminal;
+pub mod virtio;
 pub mod vm;
 
 pub use config::VmConfig;

@@ -181,6 +181,7 @@ pub struct Vm {
     mem: GuestMemoryMmap,
     _firmware: Option<GuestMemoryMmap>,
     console: Console,
+    virtio: Option<crate::virtio::VirtioDevices>,
     serial: Arc<Mutex<Serial>>,
     events_tx: Sender<VmEvent>,
     events_rx: Receiver<VmEvent>,
@@ -296,12 +297,19 @@ impl Vm {
         )
         .map_err(dev_err)?;
         let pio = Arc::new(pio);
-        let mmio = Arc::new(Bus::new());
+        let mut mmio = Bus::new();
+        let mut virtio_devices: Vec<Box<dyn devices::virtio::VirtioDevice>> = Vec::new();
+        if config.rng {
+            virtio_devices.push(Box::new(devices::virtio::rng::Rng::new()));
+        }
+        let virtio = crate::virtio::attach(&vm_fd, &mem, &mut mmio, virtio_devices)
+            .map_err(|e| VmError::Device(e.to_string()))?;
+        let mmio = Arc::new(mmio);
 
         // Boot image.
         let entry = match (&config.kernel, kernel_format) {
             (Some(kernel), Some(format)) => {
-                let rsdp = acpi::create_acpi_tables(&mem, config.cpus, &[])?;
+                let rsdp = acpi::create_acpi_tables(&mem, config.cpus, &virtio.dsdt)?;
                 let base = base_cmdline(console.wants_kernel_console());
                 let cmdline = match (base.is_empty(), config.cmdline.trim().is_empty()) {
                     (_, true) => base.to_string(),
@@ -361,6 +369,7 @@ impl Vm {
             control: Arc::new(RunControl::default()),
             flavour,
             kernel_boot: config.kernel.is_some(),
+            virtio: Some(virtio),
             started,
         })
     }
@@ -397,6 +406,10 @@ impl Vm {
             })
             .map_err(io_err("starting the signal thread"))?;
 
+        if let Some(v) = self.virtio.take() {
+            v.start()
+                .map_err(io_err("starting the virtio event loop"))?;
+        }
         self.console
             .start_input(self.serial.clone(), self.events_tx.clone())
             .map_err(io_err("starting serial input"))?;

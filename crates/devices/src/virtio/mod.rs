@@ -1,0 +1,112 @@
+//! Virtio devices and their transport (virtio-mmio, virtio 1.x only).
+//!
+//! A [`VirtioDevice`] knows its type, features, queues and config space; the [`MmioTransport`]
+//! drives it the way the virtio-mmio specification says a driver-facing register block behaves.
+//! Devices never see KVM: they get guest memory, their queues and a [`VirtioInterrupt`].
+
+mod mmio;
+pub mod rng;
+
+pub use mmio::{MmioTransport, MMIO_LEN, NOTIFY_OFFSET};
+
+use crate::Interrupt;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+
+/// Feature bit: a virtio 1.x device (the only kind offered).
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+/// InterruptStatus bit: a used buffer was returned.
+pub const INT_VRING: u32 = 1;
+/// InterruptStatus bit: the configuration changed (or the device needs a reset).
+pub const INT_CONFIG: u32 = 2;
+
+/// The interrupt line of one virtio-mmio device with its InterruptStatus register.
+#[derive(Debug)]
+pub struct VirtioInterrupt {
+    status: AtomicU32,
+    line: Interrupt,
+}
+
+impl VirtioInterrupt {
+    /// Wraps `line`.
+    pub fn new(line: Interrupt) -> Self {
+        VirtioInterrupt {
+            status: AtomicU32::new(0),
+            line,
+        }
+    }
+
+    /// Sets `bits` in InterruptStatus and raises the line.
+    pub fn signal(&self, bits: u32) {
+        self.status.fetch_or(bits, Ordering::SeqCst);
+        if let Err(e) = self.line.trigger() {
+            tracing::warn!("virtio interrupt: {e}");
+        }
+    }
+
+    /// Current InterruptStatus.
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    /// InterruptACK: clears `bits`.
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    /// The line itself (to register as an irqfd).
+    pub fn line(&self) -> &Interrupt {
+        &self.line
+    }
+}
+
+/// Why a device could not handle a request or activation.
+#[derive(Debug, thiserror::Error)]
+pub enum VirtioError {
+    /// The driver set up a queue the device cannot use.
+    #[error("queue {0} is not valid (size, alignment or addresses outside guest memory)")]
+    InvalidQueue(usize),
+    /// Guest memory access failed.
+    #[error("guest memory: {0}")]
+    Memory(String),
+    /// A host-side failure.
+    #[error("{0}")]
+    Host(String),
+}
+
+/// A virtio device model.
+pub trait VirtioDevice: Send {
+    /// The virtio device ID (4 = entropy source, …).
+    fn device_type(&self) -> u32;
+    /// Maximum size of each queue; its length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Feature bits offered (must include [`VIRTIO_F_VERSION_1`]).
+    fn features(&self) -> u64;
+    /// Reads the device-specific configuration space.
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let _ = offset;
+        data.fill(0);
+    }
+    /// Writes the device-specific configuration space.
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        let _ = (offset, data);
+    }
+    /// The driver is ready (DRIVER_OK) with `features` negotiated and these queues, all valid.
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        features: u64,
+        queues: Vec<Queue>,
+        interrupt: Arc<VirtioInterrupt>,
+    ) -> Result<(), VirtioError>;
+    /// The driver notified queue `index` (only after a successful activation).
+    fn queue_notify(&mut self, index: usize);
+    /// The driver reset the device; it must drop its queues and go back to its initial state.
+    fn reset(&mut self);
+}
+
+#[cfg(test)]
+mod tests;
