@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::lab::{lab_available, run_scenario};
+use common::lab::{info_field, lab_available, run_scenario};
 use std::time::Duration;
 
 const SCENARIO: &str = r#"
@@ -13,13 +13,6 @@ fv vmlinux --kernel "$GUEST_VMLINUX" --initrd "$GUEST_INITRD" --cpus 2 --memory 
 fv reboot --kernel "$GUEST_KERNEL" --initrd "$GUEST_INITRD" --cpus 2 --memory 512M --cmdline "quiet fv.action=reboot"
 fv panic --kernel "$GUEST_KERNEL" --initrd "$GUEST_INITRD" --cpus 1 --memory 256M --cmdline "quiet fv.action=panic"
 "#;
-
-fn info_field(text: &str, key: &str) -> Option<u64> {
-    let line = text.lines().find(|l| l.contains("FV-INFO"))?;
-    line.split_whitespace()
-        .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
-        .and_then(|v| v.trim().parse().ok())
-}
 
 #[test]
 fn stock_kernel_boots_powers_off_reboots_and_panics() {

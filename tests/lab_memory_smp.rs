@@ -3,20 +3,13 @@
 
 mod common;
 
-use common::lab::{lab_available, run_scenario_with};
+use common::lab::{info_field, lab_available, run_scenario_with};
 use std::time::Duration;
 
 const SCENARIO: &str = r#"
 fv high --kernel "$GUEST_VMLINUX" --initrd "$GUEST_INITRD" --cpus 2 --memory 4G --cmdline "quiet fv.action=info"
 fv three --kernel "$GUEST_KERNEL" --initrd "$GUEST_INITRD" --cpus 3 --memory 3200M --cmdline "quiet fv.action=info"
 "#;
-
-fn info_field(text: &str, key: &str) -> Option<u64> {
-    let line = text.lines().find(|l| l.contains("FV-INFO"))?;
-    line.split_whitespace()
-        .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
-        .and_then(|v| v.trim().parse().ok())
-}
 
 #[test]
 fn memory_above_the_gap_and_three_vcpus() {

@@ -4,7 +4,7 @@
 //! serial output, which the test reads.
 
 use super::{root, run, scratch, Output};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
@@ -132,7 +132,10 @@ pub fn run_scenario_with(
     LabRun { output }
 }
 
-/// Whether `path` exists (for optional lab inputs).
-pub fn exists(p: &Path) -> bool {
-    p.exists()
+/// A `key=value` field of the guest's `FV-INFO` line in `text`.
+pub fn info_field(text: &str, key: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.contains("FV-INFO"))?;
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+        .and_then(|v| v.trim().parse().ok())
 }

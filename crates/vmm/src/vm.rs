@@ -5,7 +5,7 @@
 
 use crate::boot::acpi::{self, ACPI_PM_PORT, COM1_IRQ, COM1_PORT, PVPANIC_PORT};
 use crate::boot::{self, LinuxBoot};
-use crate::config::{ConfigError, HostLimits, SerialConfig, VmConfig, MAX_VCPUS_GUEST};
+use crate::config::{ConfigError, HostLimits, VmConfig, MAX_VCPUS_GUEST};
 use crate::console::{Console, ConsoleError};
 use crate::cpu::regs::{BootEntry, RegsError};
 use crate::cpu::{self, ExitCounts, RunControl, Vcpu, VcpuSetup, VcpuStats};
@@ -520,9 +520,4 @@ KVM is PVM and the kernel is not PVM-aware",
             std::thread::sleep(Duration::from_millis(2));
         }
     }
-}
-
-/// Whether a serial config will take over the terminal.
-pub fn uses_terminal(s: &SerialConfig) -> bool {
-    matches!(s, SerialConfig::Stdio)
 }

@@ -478,3 +478,66 @@ pub fn dump_registers(fd: &VcpuFd) -> String {
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn wait_for(cond: impl Fn() -> bool) {
+        let start = std::time::Instant::now();
+        while !cond() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "condition never became true"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn pause_parks_resume_releases_stop_ends() {
+        let ctl = Arc::new(RunControl::default());
+        assert!(ctl.wait_runnable(), "running: no parking");
+        // A paused vCPU parks until resumed, then runs on.
+        ctl.request_pause();
+        let c = ctl.clone();
+        let a = std::thread::spawn(move || c.wait_runnable());
+        wait_for(|| ctl.parked() == 1);
+        ctl.resume();
+        assert!(a.join().unwrap());
+        assert_eq!(ctl.parked(), 0);
+        // A paused vCPU that is stopped leaves its loop.
+        ctl.request_pause();
+        let c = ctl.clone();
+        let b = std::thread::spawn(move || c.wait_runnable());
+        wait_for(|| ctl.parked() == 1);
+        ctl.request_stop();
+        assert!(!b.join().unwrap());
+        assert_eq!(ctl.parked(), 0);
+        // Stop is final: neither pause nor resume revives it.
+        ctl.request_pause();
+        ctl.resume();
+        assert!(!ctl.wait_runnable());
+    }
+
+    #[test]
+    fn exit_counts_add_up() {
+        let s = VcpuStats::default();
+        inc(&s.io_in);
+        inc(&s.io_out);
+        inc(&s.io_out);
+        inc(&s.unhandled_pio);
+        inc(&s.interrupted);
+        let mut total = ExitCounts::default();
+        total.add(&s.snapshot());
+        total.add(&s.snapshot());
+        assert_eq!(total.io_out, 4);
+        assert_eq!(total.unhandled_pio, 2);
+        assert_eq!(
+            total.total(),
+            8,
+            "unhandled accesses are part of io_in/io_out"
+        );
+    }
+}
