@@ -71,51 +71,39 @@ fn unknown_ports_do_not_crash_and_exits_are_counted() {
     assert!(c["total"] >= 6, "{c:?}");
 }
 
-#[test]
-fn i8042_reset_ends_with_zero() {
-    if !kvm_available("i8042_reset_ends_with_zero") {
+/// Runs `program` and checks the VMM reports a guest reboot with status 0.
+fn assert_reboots(name: &str, program: Program) {
+    if !kvm_available(name) {
         return;
     }
-    let out = run_fw(
-        "reset",
-        Program::new().reset().build(),
-        &["--serial", "null"],
-    );
+    let out = run_fw(name, program.build(), &["--serial", "null"]);
     assert_eq!(out.code(), 0, "{out:?}");
     assert!(out.stderr.contains("guest rebooted"), "{}", out.stderr);
+}
+
+#[test]
+fn i8042_reset_ends_with_zero() {
+    assert_reboots("i8042_reset_ends_with_zero", Program::new().reset());
 }
 
 #[test]
 fn acpi_reset_register_ends_with_zero() {
-    if !kvm_available("acpi_reset_register_ends_with_zero") {
-        return;
-    }
-    let out = run_fw(
-        "acpi-reset",
-        Program::new().out8(0x602, 1).build(),
-        &["--serial", "null"],
+    assert_reboots(
+        "acpi_reset_register_ends_with_zero",
+        Program::new().out8(0x602, 1),
     );
-    assert_eq!(out.code(), 0, "{out:?}");
-    assert!(out.stderr.contains("guest rebooted"), "{}", out.stderr);
 }
 
 #[test]
 fn cf9_reset_control_ends_with_zero() {
-    if !kvm_available("cf9_reset_control_ends_with_zero") {
-        return;
-    }
     // Linux's sequence on a hardware-reduced ACPI machine: request a hard reset, then reset.
-    let out = run_fw(
-        "cf9",
+    assert_reboots(
+        "cf9_reset_control_ends_with_zero",
         Program::new()
             .in8(0xcf9)
             .out8(0xcf9, 0x02)
-            .out8(0xcf9, 0x0e)
-            .build(),
-        &["--serial", "null"],
+            .out8(0xcf9, 0x0e),
     );
-    assert_eq!(out.code(), 0, "{out:?}");
-    assert!(out.stderr.contains("guest rebooted"), "{}", out.stderr);
 }
 
 #[test]
