@@ -7,6 +7,8 @@
 # hardware-virtualization KVM inside QEMU-TCG (see tests/lab/README.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# One cache for the scripts and the tests, even where HOME is unset (some CI runners).
+export FERROVISOR_CACHE="${FERROVISOR_CACHE:-${XDG_CACHE_HOME:-${HOME:-/var/tmp}/.cache}/ferrovisor}"
 
 scripts/install-deps.sh
 cargo build --release --quiet

@@ -7,6 +7,8 @@
 #   scripts/test.sh -- FILTER       pass FILTER (and more cargo test args) through
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# One cache for the scripts and the tests, even where HOME is unset (some CI runners).
+export FERROVISOR_CACHE="${FERROVISOR_CACHE:-${XDG_CACHE_HOME:-${HOME:-/var/tmp}/.cache}/ferrovisor}"
 
 scripts/install-deps.sh
 guest/assets.sh >/dev/null
