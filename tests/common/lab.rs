@@ -113,16 +113,19 @@ pub fn run_scenario_with(
     let dir = scratch(&format!("lab-{name}"));
     let script = dir.join("scenario.sh");
     std::fs::write(&script, format!("{PRELUDE}\n{scenario}\n")).unwrap();
-    let mut cmd = Command::new(root().join("tests/lab/lab.sh"));
-    cmd.arg("--ferrovisor")
-        .arg(super::ferrovisor_path())
-        .arg("--scenario")
-        .arg(&script)
-        .args(lab_args);
-    for (src, dest) in adds {
-        cmd.arg("--add").arg(format!("{}:{}", src.display(), dest));
-    }
+    let cmd = lab_command(&script, adds, lab_args);
     let mut output = run(cmd, timeout);
+    if output.stdout.contains("LAB-VERDICT error") {
+        // The lab machine itself died (QEMU-TCG's emulated SVM, not the VMM: a user-space VMM
+        // cannot reset the lab's kernel). Infrastructure, so one more try; its log is kept.
+        let first = dir.join("lab-died.log");
+        let _ = std::fs::write(&first, &output.stdout);
+        eprintln!(
+            "the lab died before the scenario ended (log: {}); running it once more",
+            first.display()
+        );
+        output = run(lab_command(&script, adds, lab_args), timeout);
+    }
     // The lab's console ends lines with CR LF.
     output.stdout = output.stdout.replace('\r', "");
     // Keep the whole serial log for whoever reads the CI output.
@@ -130,6 +133,19 @@ pub fn run_scenario_with(
     let _ = std::fs::write(&log, &output.stdout);
     eprintln!("lab log: {}", log.display());
     LabRun { output }
+}
+
+fn lab_command(script: &std::path::Path, adds: &[(PathBuf, &str)], lab_args: &[&str]) -> Command {
+    let mut cmd = Command::new(root().join("tests/lab/lab.sh"));
+    cmd.arg("--ferrovisor")
+        .arg(super::ferrovisor_path())
+        .arg("--scenario")
+        .arg(script)
+        .args(lab_args);
+    for (src, dest) in adds {
+        cmd.arg("--add").arg(format!("{}:{}", src.display(), dest));
+    }
+    cmd
 }
 
 /// A `key=value` field of the guest's `FV-INFO` line in `text`.
