@@ -9,7 +9,7 @@ use std::time::Duration;
 
 const SCENARIO: &str = r#"
 fv bzimage --kernel "$GUEST_KERNEL" --initrd "$GUEST_INITRD" --cpus 2 --memory 512M --cmdline "fv.action=info"
-fv vmlinux --kernel "$GUEST_VMLINUX" --initrd "$GUEST_INITRD" --cpus 2 --memory 512M --cmdline "fv.action=info"
+fv vmlinux --kernel "$GUEST_VMLINUX" --initrd "$GUEST_INITRD" --cpus 2 --memory 512M --cmdline "quiet fv.action=info"
 fv reboot --kernel "$GUEST_KERNEL" --initrd "$GUEST_INITRD" --cpus 2 --memory 512M --cmdline "quiet fv.action=reboot"
 fv panic --kernel "$GUEST_KERNEL" --initrd "$GUEST_INITRD" --cpus 1 --memory 256M --cmdline "quiet fv.action=panic"
 "#;

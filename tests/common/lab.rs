@@ -19,8 +19,11 @@ fv() {
     echo "=== BEGIN $name"
     t0=$(now_ms)
     # SIGKILL on timeout: ferrovisor stops cleanly (status 0) on SIGTERM, which would hide a hang.
-    timeout -s KILL "${FV_TIMEOUT:-240}" ferrovisor run "$@" </dev/null
+    # Output goes to a file first and to the console after: the lab's emulated UART console can
+    # stall under heavy concurrent output, which must not stall the VMM being tested.
+    timeout -s KILL "${FV_TIMEOUT:-240}" ferrovisor run "$@" </dev/null >/tmp/fv-$name.out 2>&1
     rc=$?
+    cat /tmp/fv-$name.out
     t1=$(now_ms)
     echo "=== END $name exit=$rc ms=$((t1 - t0))"
 }
