@@ -256,12 +256,10 @@ impl Vm {
 
         // Devices.
         let (events_tx, events_rx) = channel();
-        let tx = Mutex::new(events_tx.clone());
+        // mpsc::Sender is Sync: devices on any vCPU thread can send through the same one.
+        let tx = events_tx.clone();
         let sink: VmRequestFn = Arc::new(move |r| {
-            let _ = tx
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .send(VmEvent::Request(r));
+            let _ = tx.send(VmEvent::Request(r));
         });
         let mut console = Console::open(&config.serial)?;
         let serial_irq = Interrupt::new().map_err(|source| VmError::Io {
