@@ -6,6 +6,7 @@
 
 mod mmio;
 pub mod rng;
+pub mod worker;
 
 pub use mmio::{MmioTransport, MMIO_LEN, NOTIFY_OFFSET};
 
@@ -106,7 +107,19 @@ pub trait VirtioDevice: Send {
     fn queue_notify(&mut self, index: usize);
     /// The driver reset the device; it must drop its queues and go back to its initial state.
     fn reset(&mut self);
+    /// The device's counters, for the monitoring API.
+    fn metrics(&self) -> Option<Arc<dyn Metrics>> {
+        None
+    }
 }
 
+/// A device's counters, read by the monitoring side while the device runs.
+pub trait Metrics: Send + Sync {
+    /// Every counter, by name (`requests`, `read_bytes`, `errors`, `rate_limited`, …).
+    fn snapshot(&self) -> Vec<(&'static str, u64)>;
+}
+
+#[cfg(test)]
+pub(crate) mod testing;
 #[cfg(test)]
 mod tests;

@@ -24,6 +24,16 @@ pub struct RngMetrics {
     pub errors: AtomicU64,
 }
 
+impl super::Metrics for RngMetrics {
+    fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        vec![
+            ("requests", self.requests.load(Ordering::Relaxed)),
+            ("bytes", self.bytes.load(Ordering::Relaxed)),
+            ("errors", self.errors.load(Ordering::Relaxed)),
+        ]
+    }
+}
+
 struct Active {
     mem: GuestMemoryMmap,
     queue: Queue,
@@ -174,5 +184,9 @@ impl VirtioDevice for Rng {
 
     fn reset(&mut self) {
         self.active = None;
+    }
+
+    fn metrics(&self) -> Option<Arc<dyn super::Metrics>> {
+        Some(self.metrics.clone())
     }
 }

@@ -254,3 +254,14 @@ fn arbitrary_register_accesses_never_panic() {
     w(&mut d.t, 0x070, 0);
     assert_eq!(d.bring_up(DESC) & 0x4f, 0xf);
 }
+
+#[test]
+fn test_driver_drives_rng_on_its_own_rings() {
+    use super::testing::{wo, TestDriver, DATA};
+    let mut d = TestDriver::new(Box::new(Rng::new()));
+    assert_eq!(d.bring_up(VIRTIO_F_VERSION_1) & 0x4f, 0xf);
+    let head = d.add_chain(0, &[wo(DATA, 10), wo(DATA + 100, 6)]);
+    d.notify(0);
+    assert!(d.wait_used(0, 1));
+    assert_eq!(d.used_elem(0, 0), (u32::from(head), 16));
+}

@@ -1,0 +1,212 @@
+//! A device's own I/O thread.
+//!
+//! Devices that talk to the host (disk files, TAP devices, sockets) do that work on a thread of
+//! their own, started at activation: a slow disk never stalls the network, and no device I/O
+//! runs on a vCPU thread or on the thread that forwards queue notifications. The thread waits in
+//! epoll on the device's queue notifications, a stop event and whatever host file descriptors the
+//! device registers through [`EventOps`].
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::thread::JoinHandle;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// Tokens at or above this value are the worker's own (queue notifications and stop).
+pub const RESERVED_TOKENS: u64 = 1 << 63;
+const STOP_TOKEN: u64 = u64::MAX;
+
+/// Registers host file descriptors with the worker's epoll.
+pub struct EventOps<'a> {
+    epoll: &'a Epoll,
+}
+
+impl EventOps<'_> {
+    /// Watches `fd` for `events`; [`EventHandler::host_event`] gets `token` (below
+    /// [`RESERVED_TOKENS`]) when it is ready.
+    pub fn add(&mut self, fd: RawFd, token: u64, events: EventSet) -> io::Result<()> {
+        self.ctl(ControlOperation::Add, fd, token, events)
+    }
+
+    /// Changes what `fd` is watched for.
+    pub fn modify(&mut self, fd: RawFd, token: u64, events: EventSet) -> io::Result<()> {
+        self.ctl(ControlOperation::Modify, fd, token, events)
+    }
+
+    /// Stops watching `fd`.
+    pub fn remove(&mut self, fd: RawFd) -> io::Result<()> {
+        self.epoll
+            .ctl(ControlOperation::Delete, fd, EpollEvent::default())
+    }
+
+    fn ctl(&mut self, op: ControlOperation, fd: RawFd, token: u64, ev: EventSet) -> io::Result<()> {
+        if token >= RESERVED_TOKENS {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "device event token in the worker's reserved range",
+            ));
+        }
+        self.epoll.ctl(op, fd, EpollEvent::new(ev, token))
+    }
+}
+
+/// What a device does on its worker thread.
+pub trait EventHandler: Send + 'static {
+    /// Runs once on the worker thread before the first event: register host descriptors here,
+    /// and serve whatever the queues already hold.
+    fn init(&mut self, ops: &mut EventOps) -> io::Result<()> {
+        let _ = ops;
+        Ok(())
+    }
+    /// The driver notified queue `queue`.
+    fn queue_event(&mut self, queue: usize, ops: &mut EventOps);
+    /// A registered host descriptor is ready.
+    fn host_event(&mut self, token: u64, events: EventSet, ops: &mut EventOps) {
+        let _ = (token, events, ops);
+    }
+}
+
+/// The running worker thread of one activated device.
+pub struct Worker {
+    stop: EventFd,
+    queues: Vec<EventFd>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Worker {
+    /// Starts `handler` on a thread named `name` that watches `queues` notification events.
+    pub fn spawn<H: EventHandler>(name: &str, queues: usize, mut handler: H) -> io::Result<Worker> {
+        let stop = EventFd::new(EFD_NONBLOCK)?;
+        let evts = (0..queues)
+            .map(|_| EventFd::new(EFD_NONBLOCK))
+            .collect::<io::Result<Vec<_>>>()?;
+        let epoll = Epoll::new()?;
+        epoll.ctl(
+            ControlOperation::Add,
+            stop.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, STOP_TOKEN),
+        )?;
+        let mut thread_evts = Vec::with_capacity(queues);
+        for (i, e) in evts.iter().enumerate() {
+            epoll.ctl(
+                ControlOperation::Add,
+                e.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, RESERVED_TOKENS + i as u64),
+            )?;
+            thread_evts.push(e.try_clone()?);
+        }
+        let thread = std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || {
+                let mut ops = EventOps { epoll: &epoll };
+                if let Err(e) = handler.init(&mut ops) {
+                    tracing::error!("device worker start-up: {e}");
+                    return;
+                }
+                let mut events = vec![EpollEvent::default(); 64];
+                loop {
+                    let n = match epoll.wait(-1, &mut events) {
+                        Ok(n) => n,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) => {
+                            tracing::error!("device worker: epoll: {e}");
+                            return;
+                        }
+                    };
+                    for ev in &events[..n] {
+                        let token = ev.data();
+                        let mut ops = EventOps { epoll: &epoll };
+                        if token == STOP_TOKEN {
+                            return;
+                        } else if token >= RESERVED_TOKENS {
+                            let q = (token - RESERVED_TOKENS) as usize;
+                            if let Some(e) = thread_evts.get(q) {
+                                // Reading resets the counter: several notifications fold into one.
+                                let _ = e.read();
+                                handler.queue_event(q, &mut ops);
+                            }
+                        } else {
+                            handler.host_event(token, ev.event_set(), &mut ops);
+                        }
+                    }
+                }
+            })?;
+        Ok(Worker {
+            stop,
+            queues: evts,
+            thread: Some(thread),
+        })
+    }
+
+    /// Tells the worker that the driver notified `queue`.
+    pub fn notify(&self, queue: usize) {
+        if let Some(e) = self.queues.get(queue) {
+            if let Err(err) = e.write(1) {
+                tracing::warn!("device worker notify: {err}");
+            }
+        }
+    }
+
+    /// Stops the thread and waits for it (what a device reset does).
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        let _ = self.stop.write(1);
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                tracing::error!("device worker panicked");
+            }
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+
+    struct Echo(mpsc::Sender<(char, u64)>, Option<EventFd>);
+
+    impl EventHandler for Echo {
+        fn init(&mut self, ops: &mut EventOps) -> io::Result<()> {
+            if let Some(e) = &self.1 {
+                ops.add(e.as_raw_fd(), 7, EventSet::IN)?;
+            }
+            assert!(ops.add(0, RESERVED_TOKENS, EventSet::IN).is_err());
+            Ok(())
+        }
+        fn queue_event(&mut self, queue: usize, _ops: &mut EventOps) {
+            let _ = self.0.send(('q', queue as u64));
+        }
+        fn host_event(&mut self, token: u64, _ev: EventSet, _ops: &mut EventOps) {
+            if let Some(e) = &self.1 {
+                let _ = e.read();
+            }
+            let _ = self.0.send(('h', token));
+        }
+    }
+
+    #[test]
+    fn delivers_queue_and_host_events_then_stops() {
+        let (tx, rx) = mpsc::channel();
+        let host = EventFd::new(EFD_NONBLOCK).unwrap();
+        let w = Worker::spawn("t", 2, Echo(tx, Some(host.try_clone().unwrap()))).unwrap();
+        w.notify(1);
+        let got = rx.recv_timeout(std::time::Duration::from_secs(5)).unwrap();
+        assert_eq!(got, ('q', 1));
+        host.write(1).unwrap();
+        let got = rx.recv_timeout(std::time::Duration::from_secs(5)).unwrap();
+        assert_eq!(got, ('h', 7));
+        w.notify(99); // out of range: ignored
+        w.stop();
+        assert!(rx.recv_timeout(std::time::Duration::from_secs(1)).is_err());
+    }
+}
