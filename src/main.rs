@@ -5,7 +5,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
-use vmm::config::{ByteSize, SerialConfig, VmConfig};
+use vmm::config::{
+    BalloonConfig, ByteSize, DiskConfig, NetConfig, SerialConfig, VmConfig, VsockConfig,
+};
 use vmm::kvm::{KvmFlavour, KVM_PATH, PVM_HINT};
 use vmm::vm::{ExitReason, Vm, EXIT_SETUP_ERROR};
 
@@ -36,6 +38,13 @@ enum LogFormat {
 enum Command {
     /// Run one VM in the foreground, its serial console on this terminal.
     Run(RunArgs),
+    /// Talk to a running VMM's control socket (`run --control PATH`); prints its JSON answer.
+    Ctl {
+        /// The control socket.
+        socket: PathBuf,
+        #[command(subcommand)]
+        request: CtlRequest,
+    },
     /// Describe this host's KVM: flavour, limits, whether stock kernels can run.
     Host {
         /// KVM device.
@@ -44,6 +53,26 @@ enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum CtlRequest {
+    /// Run state, pid, uptime.
+    Status,
+    /// vCPU exits, device counters, RSS, balloon.
+    Stats,
+    /// Park every vCPU.
+    Pause,
+    /// Run again.
+    Resume,
+    /// Stop the VM (the VMM exits 0).
+    Stop,
+    /// Set the balloon size (memory taken from the guest), e.g. 256M; 0 gives it all back.
+    Balloon {
+        /// New size.
+        #[arg(value_parser = parse_size)]
+        size: ByteSize,
     },
 }
 
@@ -76,6 +105,25 @@ struct RunArgs {
     /// Add a virtio-rng entropy device (the guest's /dev/hwrng), fed from the host's getrandom.
     #[arg(long)]
     rng: bool,
+    /// A virtio-blk disk (repeatable): path=IMAGE[,readonly=on][,id=ID][,iops=N][,bw=BYTES/s].
+    #[arg(long = "disk", value_name = "OPTIONS", value_parser = parse_disk)]
+    disks: Vec<DiskConfig>,
+    /// A virtio-net NIC over a TAP device, created if missing (repeatable):
+    /// tap=NAME[,mac=MAC][,id=ID][,iops=PACKETS/s][,bw=BYTES/s].
+    #[arg(long = "net", value_name = "OPTIONS", value_parser = parse_net)]
+    nets: Vec<NetConfig>,
+    /// A virtio-vsock device: cid=N,socket=PATH (Firecracker-style hybrid Unix socket).
+    #[arg(long, value_name = "OPTIONS", value_parser = parse_vsock)]
+    vsock: Option<VsockConfig>,
+    /// A virtio-balloon device: [size=BYTES][,deflate-on-oom=on][,stats=SECS][,free-page-reporting=on].
+    #[arg(long, value_name = "OPTIONS", value_parser = parse_balloon, num_args = 0..=1, default_missing_value = "")]
+    balloon: Option<BalloonConfig>,
+    /// A virtio-console (the guest's /dev/hvc0): null, file=PATH or socket=PATH.
+    #[arg(long, value_parser = parse_serial)]
+    console: Option<SerialConfig>,
+    /// A control socket (JSON lines) for this VMM: status, device counters, balloon size.
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
     /// A VmConfig JSON file; flags given on the command line override its fields.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -90,6 +138,26 @@ fn parse_size(s: &str) -> Result<ByteSize, String> {
 }
 
 fn parse_serial(s: &str) -> Result<SerialConfig, String> {
+    s.parse()
+        .map_err(|e: vmm::config::ConfigError| e.to_string())
+}
+
+fn parse_disk(s: &str) -> Result<DiskConfig, String> {
+    s.parse()
+        .map_err(|e: vmm::config::ConfigError| e.to_string())
+}
+
+fn parse_net(s: &str) -> Result<NetConfig, String> {
+    s.parse()
+        .map_err(|e: vmm::config::ConfigError| e.to_string())
+}
+
+fn parse_vsock(s: &str) -> Result<VsockConfig, String> {
+    s.parse()
+        .map_err(|e: vmm::config::ConfigError| e.to_string())
+}
+
+fn parse_balloon(s: &str) -> Result<BalloonConfig, String> {
     s.parse()
         .map_err(|e: vmm::config::ConfigError| e.to_string())
 }
@@ -123,6 +191,17 @@ impl RunArgs {
         }
         cfg.pmu |= self.pmu;
         cfg.rng |= self.rng;
+        cfg.disks.extend(self.disks.iter().cloned());
+        cfg.nets.extend(self.nets.iter().cloned());
+        if let Some(v) = &self.vsock {
+            cfg.vsock = Some(v.clone());
+        }
+        if let Some(b) = &self.balloon {
+            cfg.balloon = Some(b.clone());
+        }
+        if let Some(c) = &self.console {
+            cfg.console = Some(c.clone());
+        }
         Ok(cfg)
     }
 }
@@ -143,7 +222,10 @@ fn init_logging(level: &str, format: LogFormat) {
 
 fn run(args: &RunArgs, started: Instant) -> anyhow::Result<u8> {
     let config = args.to_config()?;
-    let vm = Vm::build(&config, &args.kvm, started)?;
+    let mut vm = Vm::build(&config, &args.kvm, started)?;
+    if let Some(path) = &args.control {
+        vm.set_control_socket(path);
+    }
     let outcome = vm.run().context("running the VM")?;
     let e = &outcome.exits;
     tracing::info!(
@@ -163,6 +245,27 @@ fn run(args: &RunArgs, started: Instant) -> anyhow::Result<u8> {
         ),
     }
     Ok(outcome.reason.exit_code() as u8)
+}
+
+fn ctl(socket: &std::path::Path, request: &CtlRequest) -> anyhow::Result<u8> {
+    let req = match request {
+        CtlRequest::Status => serde_json::json!({"cmd": "status"}),
+        CtlRequest::Stats => serde_json::json!({"cmd": "stats"}),
+        CtlRequest::Pause => serde_json::json!({"cmd": "pause"}),
+        CtlRequest::Resume => serde_json::json!({"cmd": "resume"}),
+        CtlRequest::Stop => serde_json::json!({"cmd": "stop"}),
+        CtlRequest::Balloon { size } => serde_json::json!({"cmd": "balloon", "size": size.0}),
+    };
+    let answer = vmm::control::request(socket, &req)
+        .with_context(|| format!("control socket {}", socket.display()))?;
+    println!("{}", serde_json::to_string_pretty(&answer)?);
+    let ok = answer.get("ok").and_then(|v| v.as_bool()).unwrap_or(false);
+    if !ok {
+        if let Some(e) = answer.get("error").and_then(|v| v.as_str()) {
+            eprintln!("ferrovisor: {e}");
+        }
+    }
+    Ok(if ok { 0 } else { 1 })
 }
 
 fn host(kvm: &std::path::Path, json: bool) -> anyhow::Result<u8> {
@@ -213,6 +316,7 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Run(args) => run(args, started),
         Command::Host { kvm, json } => host(kvm, *json),
+        Command::Ctl { socket, request } => ctl(socket, request),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -15,8 +15,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// First GSI given to virtio devices (above the ISA range, on the IOAPIC's PCI pins).
 pub const VIRTIO_GSI_START: u32 = 16;
-/// How many virtio devices fit on the IOAPIC's remaining pins (GSIs 16–23).
-pub const MAX_VIRTIO_DEVICES: usize = 8;
+pub use crate::config::MAX_VIRTIO_DEVICES;
 
 /// Errors attaching virtio devices.
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +26,103 @@ pub enum VirtioSetupError {
     /// A KVM or OS call failed.
     #[error("virtio device set-up: {0}")]
     Setup(String),
+}
+
+/// The devices a [`crate::VmConfig`] asks for, with what the monitoring side keeps of them.
+pub struct BuiltDevices {
+    /// In slot order.
+    pub devices: Vec<Box<dyn VirtioDevice>>,
+    /// Kind, id and counters of each.
+    pub entries: Vec<crate::control::DeviceEntry>,
+    /// The balloon's handle.
+    pub balloon: Option<devices::virtio::balloon::BalloonControl>,
+}
+
+fn limit(
+    iops: Option<u64>,
+    bw: Option<crate::config::ByteSize>,
+) -> devices::rate_limiter::RateLimit {
+    devices::rate_limiter::RateLimit {
+        ops_per_sec: iops,
+        bytes_per_sec: bw.map(|b| b.0),
+    }
+}
+
+/// Creates the virtio devices of `config` (opening images, TAPs and sockets); every error
+/// names the option and value at fault.
+pub fn build_devices(config: &crate::VmConfig) -> Result<BuiltDevices, crate::VmError> {
+    use devices::virtio::{balloon, block, console, net, rng, vsock};
+    let dev_err = |e: String| crate::VmError::Device(e);
+    let mut out = BuiltDevices {
+        devices: Vec::new(),
+        entries: Vec::new(),
+        balloon: None,
+    };
+    let mut push =
+        |out: &mut BuiltDevices, kind: &'static str, id: String, d: Box<dyn VirtioDevice>| {
+            out.entries.push(crate::control::DeviceEntry {
+                kind,
+                id,
+                metrics: d.metrics(),
+            });
+            out.devices.push(d);
+        };
+    for (i, d) in config.disks.iter().enumerate() {
+        let dev = block::Block::new(block::BlockConfig {
+            path: d.path.clone(),
+            readonly: d.readonly,
+            id: d.id.clone(),
+            rate: limit(d.iops, d.bw),
+            engine: block::IoEngine::Auto,
+        })
+        .map_err(|e| dev_err(format!("--disk {}: {e}", d.path.display())))?;
+        let id = d.id.clone().unwrap_or_else(|| format!("disk{i}"));
+        push(&mut out, "block", id, Box::new(dev));
+    }
+    for (i, n) in config.nets.iter().enumerate() {
+        let dev = net::Net::new(net::NetConfig {
+            tap: n.tap.clone(),
+            mac: n.mac.map(|m| m.0),
+            id: n.id.clone(),
+            rate: limit(n.iops, n.bw),
+        })
+        .map_err(|e| dev_err(format!("--net tap={}: {e}", n.tap)))?;
+        let id = n.id.clone().unwrap_or_else(|| format!("net{i}"));
+        push(&mut out, "net", id, Box::new(dev));
+    }
+    if let Some(v) = &config.vsock {
+        let dev = vsock::Vsock::new(vsock::VsockConfig {
+            cid: v.cid,
+            socket: v.socket.clone(),
+        })
+        .map_err(|e| dev_err(format!("--vsock: {e}")))?;
+        push(&mut out, "vsock", "vsock0".into(), Box::new(dev));
+    }
+    if config.rng {
+        push(&mut out, "rng", "rng0".into(), Box::new(rng::Rng::new()));
+    }
+    if let Some(b) = &config.balloon {
+        let dev = balloon::Balloon::new(balloon::BalloonConfig {
+            target_bytes: b.size.0,
+            deflate_on_oom: b.deflate_on_oom,
+            stats_interval_s: b.stats_interval,
+            free_page_reporting: b.free_page_reporting,
+        });
+        out.balloon = Some(dev.control());
+        push(&mut out, "balloon", "balloon0".into(), Box::new(dev));
+    }
+    if let Some(c) = &config.console {
+        let backend = match c {
+            crate::config::SerialConfig::Null | crate::config::SerialConfig::Stdio => {
+                console::ConsoleBackend::Null
+            }
+            crate::config::SerialConfig::File(p) => console::ConsoleBackend::File(p.clone()),
+            crate::config::SerialConfig::Socket(p) => console::ConsoleBackend::Socket(p.clone()),
+        };
+        let dev = console::Console::new(backend).map_err(|e| dev_err(format!("--console: {e}")))?;
+        push(&mut out, "console", "console0".into(), Box::new(dev));
+    }
+    Ok(out)
 }
 
 struct Notifier {

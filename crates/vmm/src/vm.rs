@@ -45,6 +45,8 @@ pub enum VmEvent {
     Signal(i32),
     /// The user typed the console's quit escape.
     UserQuit,
+    /// A run-state change asked for on the control socket.
+    Control(crate::control::ActionRequest),
 }
 
 /// Why a vCPU stopped the VM, with what the user needs to understand it.
@@ -104,7 +106,7 @@ impl ExitReason {
             ExitReason::Panic => "guest kernel panicked".into(),
             ExitReason::Fault(f) => format!("guest fault on vCPU {}: {}", f.vcpu, f.kind),
             ExitReason::Stopped(Some(sig)) => format!("stopped by signal {sig}"),
-            ExitReason::Stopped(None) => "stopped from the console".into(),
+            ExitReason::Stopped(None) => "stopped from the console or the control socket".into(),
         }
     }
 }
@@ -182,6 +184,11 @@ pub struct Vm {
     _firmware: Option<GuestMemoryMmap>,
     console: Console,
     virtio: Option<crate::virtio::VirtioDevices>,
+    device_entries: Vec<crate::control::DeviceEntry>,
+    balloon: Option<devices::virtio::balloon::BalloonControl>,
+    control_path: Option<std::path::PathBuf>,
+    cpus: u32,
+    memory_size: u64,
     serial: Arc<Mutex<Serial>>,
     events_tx: Sender<VmEvent>,
     events_rx: Receiver<VmEvent>,
@@ -296,11 +303,8 @@ impl Vm {
         .map_err(dev_err)?;
         let pio = Arc::new(pio);
         let mut mmio = Bus::new();
-        let mut virtio_devices: Vec<Box<dyn devices::virtio::VirtioDevice>> = Vec::new();
-        if config.rng {
-            virtio_devices.push(Box::new(devices::virtio::rng::Rng::new()));
-        }
-        let virtio = crate::virtio::attach(&vm_fd, &mem, &mut mmio, virtio_devices)
+        let built = crate::virtio::build_devices(config)?;
+        let virtio = crate::virtio::attach(&vm_fd, &mem, &mut mmio, built.devices)
             .map_err(|e| VmError::Device(e.to_string()))?;
         let mmio = Arc::new(mmio);
 
@@ -368,8 +372,18 @@ impl Vm {
             flavour,
             kernel_boot: config.kernel.is_some(),
             virtio: Some(virtio),
+            device_entries: built.entries,
+            balloon: built.balloon,
+            control_path: None,
+            cpus: config.cpus,
+            memory_size: config.memory.0,
             started,
         })
+    }
+
+    /// Serves a control socket at `path` while the VM runs (see [`crate::control`]).
+    pub fn set_control_socket(&mut self, path: &Path) {
+        self.control_path = Some(path.to_path_buf());
     }
 
     /// The KVM flavour the VM runs on.
@@ -429,10 +443,61 @@ impl Vm {
             "vCPUs started {:.1} ms after process start",
             self.started.elapsed().as_secs_f64() * 1000.0
         );
+        let paused = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let _control_socket = match self.control_path.clone() {
+            Some(path) => {
+                let state = crate::control::ControlState {
+                    started: run_start,
+                    cpus: self.cpus,
+                    memory: self.memory_size,
+                    vcpu_stats: threads.iter().map(|(_, s)| s.clone()).collect(),
+                    devices: std::mem::take(&mut self.device_entries),
+                    balloon: self.balloon.clone(),
+                    events: self.events_tx.clone(),
+                    paused: paused.clone(),
+                };
+                match crate::control::serve(&path, state) {
+                    Ok(sock) => Some(sock),
+                    Err(source) => {
+                        self.stop_vcpus(&threads);
+                        return Err(VmError::Io {
+                            what: "serving the control socket",
+                            source,
+                        });
+                    }
+                }
+            }
+            None => None,
+        };
 
-        let watchdog =
+        let mut watchdog =
             (self.kernel_boot && self.flavour == KvmFlavour::Pvm).then_some(PVM_PROGRESS_TIMEOUT);
-        let event = self.next_event(watchdog, &threads);
+        let event = loop {
+            let event = self.next_event(watchdog, &threads);
+            watchdog = None;
+            match event {
+                Some(VmEvent::Control(req)) => {
+                    let result = match req.action {
+                        crate::control::Action::Pause => {
+                            self.pause_vcpus(&threads);
+                            paused.store(true, std::sync::atomic::Ordering::SeqCst);
+                            Ok("paused")
+                        }
+                        crate::control::Action::Resume => {
+                            self.control.resume();
+                            paused.store(false, std::sync::atomic::Ordering::SeqCst);
+                            Ok("running")
+                        }
+                        crate::control::Action::Stop => {
+                            let _ = req.reply.send(Ok("stopped"));
+                            break Some(VmEvent::UserQuit);
+                        }
+                    };
+                    let _ = req.reply.send(result);
+                }
+                other => break other,
+            }
+        };
         let run_time = run_start.elapsed();
         signal_handle.close();
         self.stop_vcpus(&threads);
@@ -451,7 +516,7 @@ impl Vm {
             Some(VmEvent::Request(VmRequest::Panic)) => ExitReason::Panic,
             Some(VmEvent::Fault(f)) => ExitReason::Fault(f),
             Some(VmEvent::Signal(sig)) => ExitReason::Stopped(Some(sig)),
-            Some(VmEvent::UserQuit) => ExitReason::Stopped(None),
+            Some(VmEvent::UserQuit) | Some(VmEvent::Control(_)) => ExitReason::Stopped(None),
             // The PVM watchdog fired: the kernel never touched a device.
             None => ExitReason::Fault(Box::new(FaultReport {
                 vcpu: 0,
@@ -495,6 +560,20 @@ KVM is PVM and the kernel is not PVM-aware",
         // Every sender gone cannot happen (the VM holds one); treat it as a stop.
         Some(self.events_rx.recv().unwrap_or(VmEvent::UserQuit))
     }
+    /// Parks every vCPU: sets the pause flag and kicks the threads until all are parked.
+    fn pause_vcpus(&self, threads: &[(JoinHandle<Vcpu>, Arc<VcpuStats>)]) {
+        self.control.request_pause();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while (self.control.parked() as usize) < threads.len() && Instant::now() < deadline {
+            for (h, _) in threads {
+                if !h.is_finished() {
+                    let _ = h.kill(cpu::kick_signal());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// Stops every vCPU thread: sets the stop flag, then kicks the threads until they have
     /// left `KVM_RUN` (a kick can race with a thread entering it, so it is repeated).
     fn stop_vcpus(&self, threads: &[(JoinHandle<Vcpu>, Arc<VcpuStats>)]) {

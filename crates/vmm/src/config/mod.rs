@@ -2,6 +2,10 @@
 //! and (later) sent through the API. It is validated in one place, [`VmConfig::validate`],
 //! before any KVM call.
 
+mod devices;
+
+pub use devices::{BalloonConfig, DiskConfig, MacAddr, NetConfig, VsockConfig};
+
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -89,6 +93,27 @@ pub enum ConfigError {
         /// The limit.
         max: usize,
     },
+    /// A device option (`--disk`, `--net`, …) that does not parse or cannot work.
+    #[error("invalid {flag} {value:?}: {reason}")]
+    DeviceOption {
+        /// The flag.
+        flag: &'static str,
+        /// The value given.
+        value: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Two devices with the same id, TAP or image.
+    #[error("{0}")]
+    Duplicate(String),
+    /// More virtio devices than the machine has slots for.
+    #[error("{count} virtio devices requested; at most {max} fit (rng, balloon, vsock, console, disks and NICs together)")]
+    TooManyDevices {
+        /// Requested.
+        count: usize,
+        /// The limit.
+        max: usize,
+    },
     /// A config file that cannot be read or parsed.
     #[error("config file {path}: {reason}")]
     ConfigFile {
@@ -100,7 +125,7 @@ pub enum ConfigError {
 }
 
 /// A size in bytes; parses `4096`, `512K`, `512M`, `2G`, `1T` (binary multiples).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "SizeRepr", into = "String")]
 pub struct ByteSize(pub u64);
 
@@ -258,6 +283,21 @@ pub struct VmConfig {
     /// A virtio-rng entropy device fed from the host's getrandom.
     #[serde(default)]
     pub rng: bool,
+    /// virtio-blk disks, in order (the guest's vda, vdb, …).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskConfig>,
+    /// virtio-net NICs over TAP devices.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nets: Vec<NetConfig>,
+    /// A virtio-vsock device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<VsockConfig>,
+    /// A virtio-balloon device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon: Option<BalloonConfig>,
+    /// A virtio-console (the guest's /dev/hvc0): null, file=PATH or socket=PATH.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub console: Option<SerialConfig>,
 }
 
 impl Default for VmConfig {
@@ -272,6 +312,11 @@ impl Default for VmConfig {
             serial: SerialConfig::default(),
             pmu: false,
             rng: false,
+            disks: Vec::new(),
+            nets: Vec::new(),
+            vsock: None,
+            balloon: None,
+            console: None,
         }
     }
 }
@@ -338,6 +383,7 @@ impl VmConfig {
                 return Err(ConfigError::SerialSocketExists(p.clone()));
             }
         }
+        self.validate_devices()?;
         match (&self.kernel, &self.firmware) {
             (None, None) => Err(ConfigError::NothingToBoot),
             (Some(_), Some(_)) => Err(ConfigError::KernelAndFirmware),
@@ -372,6 +418,101 @@ impl VmConfig {
         }
     }
 }
+
+impl VmConfig {
+    /// How many virtio devices this configuration asks for.
+    pub fn virtio_device_count(&self) -> usize {
+        usize::from(self.rng)
+            + self.disks.len()
+            + self.nets.len()
+            + usize::from(self.vsock.is_some())
+            + usize::from(self.balloon.is_some())
+            + usize::from(self.console.is_some())
+    }
+
+    fn validate_devices(&self) -> Result<(), ConfigError> {
+        let count = self.virtio_device_count();
+        if count > MAX_VIRTIO_DEVICES {
+            return Err(ConfigError::TooManyDevices {
+                count,
+                max: MAX_VIRTIO_DEVICES,
+            });
+        }
+        let mut ids = std::collections::BTreeSet::new();
+        let mut paths = std::collections::BTreeSet::new();
+        for d in &self.disks {
+            devices::check_disk(d)?;
+            let real = std::fs::canonicalize(&d.path).unwrap_or_else(|_| d.path.clone());
+            if !paths.insert(real) {
+                return Err(ConfigError::Duplicate(format!(
+                    "disk {}: given twice (one image, one disk)",
+                    d.path.display()
+                )));
+            }
+            if let Some(id) = &d.id {
+                if !ids.insert(id.clone()) {
+                    return Err(ConfigError::Duplicate(format!(
+                        "device id {id:?} used twice"
+                    )));
+                }
+            }
+        }
+        let mut taps = std::collections::BTreeSet::new();
+        for n in &self.nets {
+            devices::check_tap(n)?;
+            if !taps.insert(n.tap.clone()) {
+                return Err(ConfigError::Duplicate(format!(
+                    "TAP {}: given twice (one TAP, one NIC)",
+                    n.tap
+                )));
+            }
+            if let Some(id) = &n.id {
+                if !ids.insert(id.clone()) {
+                    return Err(ConfigError::Duplicate(format!(
+                        "device id {id:?} used twice"
+                    )));
+                }
+            }
+        }
+        if let Some(v) = &self.vsock {
+            if v.cid < 3 || v.cid >= u64::from(u32::MAX) {
+                return Err(ConfigError::DeviceOption {
+                    flag: "--vsock",
+                    value: format!("cid={}", v.cid),
+                    reason: "a guest CID is at least 3 (0-2 are reserved) and below 4294967295"
+                        .into(),
+                });
+            }
+            devices::check_new_socket("vsock socket", &v.socket)?;
+        }
+        if let Some(b) = &self.balloon {
+            if b.size.0 >= self.memory.0 {
+                return Err(ConfigError::DeviceOption {
+                    flag: "--balloon",
+                    value: format!("size={}", b.size),
+                    reason: format!("must be smaller than the guest's memory ({})", self.memory),
+                });
+            }
+        }
+        match &self.console {
+            Some(SerialConfig::Stdio) => {
+                return Err(ConfigError::DeviceOption {
+                    flag: "--console",
+                    value: "stdio".into(),
+                    reason:
+                        "stdio belongs to the serial console; use null, file=PATH or socket=PATH"
+                            .into(),
+                })
+            }
+            Some(SerialConfig::Socket(p)) => devices::check_new_socket("console socket", p)?,
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// Most virtio devices one VM has (one IOAPIC pin each, GSIs 16–23).
+pub const MAX_VIRTIO_DEVICES: usize = 8;
 
 /// Opens `path` for reading (so permission problems show now) and returns its size.
 fn check_file(what: &'static str, path: &Path) -> Result<u64, ConfigError> {
