@@ -14,6 +14,9 @@ have setpriv || need+=(util-linux)
 have flock || need+=(util-linux)
 have strip || need+=(binutils)
 have timeout || need+=(coreutils)
+have socat || need+=(socat)        # vsock tests: the host and guest ends
+have debugfs || need+=(e2fsprogs)  # block tests: files read back from a guest's ext2 image
+have ip || need+=(iproute2)        # net tests
 [ -e /usr/share/qemu/bios-microvm.bin ] || need+=(qemu-system-data)
 [ -e /usr/share/seabios/bios-256k.bin ] || need+=(seabios)
 

@@ -165,17 +165,33 @@ sync
 poweroff -f
 EOF
 
-# lab-guest-initrd SCRIPT OUT: in the lab, $GUEST_INITRD plus a cpio holding
-# SCRIPT as /scenario.sh (for guests booted with fv.action=script).
+# lab-guest-initrd SCRIPT OUT [PROGRAM...]: in the lab, $GUEST_INITRD plus a
+# cpio holding SCRIPT as /scenario.sh (for guests booted with fv.action=script)
+# and each PROGRAM (a lab path, e.g. /usr/bin/socat added with --add) with the
+# shared libraries it loads, at the same paths.
 read -r -d '' GUEST_INITRD_HELPER <<'EOF' || true
 #!/bin/sh
 set -e
-[ $# = 2 ] || { echo "usage: lab-guest-initrd SCRIPT OUT" >&2; exit 2; }
+[ $# -ge 2 ] || { echo "usage: lab-guest-initrd SCRIPT OUT [PROGRAM...]" >&2; exit 2; }
+script=$1 out=$2; shift 2
 d=$(mktemp -d)
-cp "$1" "$d/scenario.sh"
+cp "$script" "$d/scenario.sh"
 chmod 755 "$d/scenario.sh"
-(cd "$d" && echo scenario.sh | cpio -o -H newc -R 0:0 2>/dev/null) > "$d/s.cpio"
-cat "${GUEST_INITRD:-/guest/initramfs.cpio.gz}" "$d/s.cpio" > "$2"
+for prog in "$@"; do
+  files="$prog"
+  if [ -e /lib64/ld-linux-x86-64.so.2 ]; then
+    # ld.so --list prints "libx.so.1 => /path (0x..)" and "/lib64/ld-linux... (0x..)".
+    files="$files $(/lib64/ld-linux-x86-64.so.2 --list "$prog" 2>/dev/null |
+      sed -n 's/.*=> \(\/[^ ]*\) .*/\1/p; s/^[[:space:]]*\(\/[^ ]*\) (0x.*/\1/p')"
+  fi
+  for f in $files; do
+    mkdir -p "$d$(dirname "$f")"
+    cp "$(readlink -f "$f")" "$d$f"
+  done
+done
+# Every parent directory too: the kernel's initramfs unpacker creates none.
+(cd "$d" && find . -mindepth 1 | sed 's|^\./||' | sort | cpio -o -H newc -R 0:0 2>/dev/null) > "$d/s.cpio"
+cat "${GUEST_INITRD:-/guest/initramfs.cpio.gz}" "$d/s.cpio" > "$out"
 rm -rf "$d"
 EOF
 

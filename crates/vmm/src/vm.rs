@@ -217,6 +217,9 @@ impl Vm {
     pub fn build(config: &VmConfig, kvm_path: &Path, started: Instant) -> Result<Vm, VmError> {
         let limits = probe_host_limits(kvm_path);
         let kernel_format = config.validate(&limits)?;
+        // Device back-ends (images, TAPs, sockets) open before KVM: their errors are the user's
+        // to fix and come first, like the configuration's.
+        let built = crate::virtio::build_devices(config)?;
         let kvm = kvm::open_kvm(kvm_path)?;
         let flavour = KvmFlavour::detect();
         if config.kernel.is_some() && !flavour.runs_stock_kernels() {
@@ -303,7 +306,6 @@ impl Vm {
         .map_err(dev_err)?;
         let pio = Arc::new(pio);
         let mut mmio = Bus::new();
-        let built = crate::virtio::build_devices(config)?;
         let virtio = crate::virtio::attach(&vm_fd, &mem, &mut mmio, built.devices)
             .map_err(|e| VmError::Device(e.to_string()))?;
         let mmio = Arc::new(mmio);
