@@ -88,13 +88,18 @@ struct Dev {
 
 impl Dev {
     fn new(cfg: BlockConfig) -> Dev {
+        Dev::with_features(cfg, u64::MAX)
+    }
+
+    /// A device brought up with the offered features that are in `wanted`.
+    fn with_features(cfg: BlockConfig, wanted: u64) -> Dev {
         let want = cfg.engine;
         let b = Block::new(cfg).unwrap();
         assert_eq!(b.engine_in_use(), want);
         let m = b.metrics();
         let mut d = TestDriver::new(Box::new(b));
         assert_eq!(
-            d.bring_up(u64::MAX),
+            d.bring_up(wanted),
             1 | 2 | 4 | 8,
             "DRIVER_OK, no NEEDS_RESET"
         );
@@ -270,6 +275,44 @@ fn flush_and_header_over_two_buffers() {
         let r = dev.run(&[ro(HDR, 8), ro(HDR + 8, 8), wo(BUF, 512), wo(ST, 1)]);
         assert_eq!(r, (513, OK));
         assert_eq!(dev.d.get(BUF, 512), pattern(1024)[512..]);
+    }
+}
+
+#[test]
+fn interrupts_with_and_without_event_idx() {
+    use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+    for engine in engines() {
+        let img = Image::new(8 * 512);
+        for wanted in [
+            u64::MAX,
+            !(1u64 << VIRTIO_RING_F_EVENT_IDX | 1 << VIRTIO_RING_F_INDIRECT_DESC),
+        ] {
+            let mut dev = Dev::with_features(img.config(engine), wanted);
+            for round in 0..3 {
+                dev.d.irq.ack(u32::MAX);
+                // used_event (for EVENT_IDX): interrupt once the used index passes `done`.
+                let avail = crate::virtio::testing::rings(0).1;
+                let used_event = avail + 4 + 2 * u64::from(dev.d.qsize);
+                dev.d
+                    .mem
+                    .write_obj(dev.done, GuestAddress(used_event))
+                    .unwrap();
+                dev.hdr(VIRTIO_BLK_T_IN, round);
+                assert_eq!(dev.run(&[ro(HDR, 16), wo(BUF, 512), wo(ST, 1)]), (513, OK));
+                // The interrupt is raised after the used element is published; give it a moment.
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+                while dev.d.irq.status() & crate::virtio::INT_VRING == 0
+                    && std::time::Instant::now() < deadline
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                assert_ne!(
+                    dev.d.irq.status() & crate::virtio::INT_VRING,
+                    0,
+                    "{engine:?} features {wanted:#x} round {round}"
+                );
+            }
+        }
     }
 }
 
