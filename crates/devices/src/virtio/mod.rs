@@ -4,6 +4,7 @@
 //! drives it the way the virtio-mmio specification says a driver-facing register block behaves.
 //! Devices never see KVM: they get guest memory, their queues and a [`VirtioInterrupt`].
 
+pub mod block;
 mod mmio;
 pub mod rng;
 pub mod worker;

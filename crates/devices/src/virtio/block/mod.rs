@@ -1,0 +1,368 @@
+//! virtio-blk (virtio 1.x §5.2): a raw disk image — regular file or block device — as a
+//! virtio block device.
+//!
+//! Requests are served on the device's own [`Worker`] thread, never on a vCPU thread. Reads,
+//! writes and flushes go through io_uring when the kernel offers it (several in flight,
+//! completed in any order, completions signalled on an eventfd in the worker's epoll), else
+//! through `preadv`/`pwritev`/`fdatasync` on the worker thread. Either way the kernel copies
+//! straight between the image and guest memory. Discard and write-zeroes (`fallocate`, or the
+//! block device ioctls) run synchronously on the worker.
+//!
+//! A flush completes only once `fdatasync` has returned: a guest `fsync` reaches the host disk.
+
+mod disk;
+mod engine;
+mod handler;
+mod request;
+#[cfg(test)]
+mod tests;
+
+pub use handler::RequestProcessor;
+
+use super::worker::Worker;
+use super::{Metrics, VirtioDevice, VirtioError, VirtioInterrupt, VIRTIO_F_VERSION_1};
+use crate::rate_limiter::{RateLimit, RateLimiter};
+use disk::Disk;
+use engine::Uring;
+use handler::{BlockWorker, Core, Engine};
+use request::Limits;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
+    VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
+};
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+
+/// Virtio device ID of a block device.
+pub const VIRTIO_ID_BLOCK: u32 = 2;
+/// Queue size offered (the single request queue).
+pub const QUEUE_SIZE: u16 = 256;
+/// Sector size of the virtio-blk protocol, and the block size reported.
+pub const SECTOR_SIZE: u64 = 512;
+/// Data buffers per request advertised in `seg_max` (a chain also has header and status).
+pub const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
+/// Largest discard or write-zeroes segment, in sectors (2 GiB).
+pub const MAX_DISCARD_SECTORS: u32 = 1 << 22;
+/// Most segments in one discard request.
+pub const MAX_DISCARD_SEG: u32 = 32;
+/// Discard granularity reported to the driver, in sectors (4 KiB).
+pub const DISCARD_ALIGNMENT: u32 = 8;
+/// Size of the configuration space served (through `write_zeroes_may_unmap` and padding).
+const CONFIG_LEN: usize = 60;
+
+/// Which I/O engine serves reads, writes and flushes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum IoEngine {
+    /// io_uring when the kernel has it (and lets the process use it), else [`IoEngine::Sync`].
+    #[default]
+    Auto,
+    /// io_uring: several requests in flight, completed in any order.
+    Uring,
+    /// Synchronous `preadv`/`pwritev`/`fdatasync` on the device's worker thread.
+    Sync,
+}
+
+/// How to build a block device.
+#[derive(Clone, Debug)]
+pub struct BlockConfig {
+    /// The image: a regular file or a block device, raw format.
+    pub path: PathBuf,
+    /// Opened read-only; the guest sees a read-only disk and its writes fail.
+    pub readonly: bool,
+    /// The serial returned to GET_ID (at most 20 bytes); default "fv-" and a hash of the
+    /// image's device and inode numbers, stable across runs.
+    pub id: Option<String>,
+    /// Operations and bytes per second.
+    pub rate: RateLimit,
+    /// The I/O engine.
+    pub engine: IoEngine,
+}
+
+/// Why a block device could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    /// The image does not exist.
+    #[error("disk image {}: no such file", path.display())]
+    NotFound {
+        /// The image path.
+        path: PathBuf,
+    },
+    /// The image is a directory, socket, FIFO, character device….
+    #[error("disk image {}: not a regular file or block device", path.display())]
+    NotADisk {
+        /// The image path.
+        path: PathBuf,
+    },
+    /// The image may not be opened the way asked.
+    #[error("disk image {}: permission denied (opening it for {access}; use readonly=on for a read-only disk)", path.display())]
+    PermissionDenied {
+        /// The image path.
+        path: PathBuf,
+        /// "reading" or "read-write".
+        access: &'static str,
+    },
+    /// The serial is longer than virtio-blk's 20 bytes.
+    #[error("disk image {}: id is {len} bytes, at most 20 are allowed", path.display())]
+    IdTooLong {
+        /// The image path.
+        path: PathBuf,
+        /// Its length.
+        len: usize,
+    },
+    /// io_uring was asked for and the kernel does not provide it (or forbids it).
+    #[error("disk image {}: io_uring is not available: {source}", path.display())]
+    IoUring {
+        /// The image path.
+        path: PathBuf,
+        /// The setup error.
+        source: std::io::Error,
+    },
+    /// Any other failure opening or examining the image.
+    #[error("disk image {}: {source}", path.display())]
+    Io {
+        /// The image path.
+        path: PathBuf,
+        /// What failed.
+        source: std::io::Error,
+    },
+}
+
+/// Counters of one block device.
+#[derive(Debug, Default)]
+pub struct BlockMetrics {
+    /// Read requests completed (successfully or not).
+    pub read_requests: AtomicU64,
+    /// Write requests completed.
+    pub write_requests: AtomicU64,
+    /// Flush requests completed.
+    pub flush_requests: AtomicU64,
+    /// Discard requests completed.
+    pub discard_requests: AtomicU64,
+    /// Write-zeroes requests completed.
+    pub write_zeroes_requests: AtomicU64,
+    /// Bytes read successfully.
+    pub read_bytes: AtomicU64,
+    /// Bytes written successfully.
+    pub write_bytes: AtomicU64,
+    /// Requests that did not complete with VIRTIO_BLK_S_OK (malformed, refused, failed I/O).
+    pub errors: AtomicU64,
+    /// Times the rate limiter held a request back.
+    pub rate_limited: AtomicU64,
+    /// Requests being executed now.
+    pub inflight: AtomicU64,
+}
+
+impl Metrics for BlockMetrics {
+    fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        vec![
+            ("read_requests", g(&self.read_requests)),
+            ("write_requests", g(&self.write_requests)),
+            ("flush_requests", g(&self.flush_requests)),
+            ("discard_requests", g(&self.discard_requests)),
+            ("write_zeroes_requests", g(&self.write_zeroes_requests)),
+            ("read_bytes", g(&self.read_bytes)),
+            ("write_bytes", g(&self.write_bytes)),
+            ("errors", g(&self.errors)),
+            ("rate_limited", g(&self.rate_limited)),
+            ("inflight", g(&self.inflight)),
+        ]
+    }
+}
+
+fn limits(disk: &Disk) -> Limits {
+    Limits {
+        sectors: disk.sectors,
+        readonly: disk.readonly,
+        max_discard_sectors: MAX_DISCARD_SECTORS,
+        max_discard_seg: MAX_DISCARD_SEG,
+        max_write_zeroes_sectors: MAX_DISCARD_SECTORS,
+        max_write_zeroes_seg: 1,
+    }
+}
+
+/// The virtio-blk device.
+pub struct Block {
+    disk: Arc<Disk>,
+    config: [u8; CONFIG_LEN],
+    features: u64,
+    rate: RateLimit,
+    engine: IoEngine,
+    metrics: Arc<BlockMetrics>,
+    worker: Option<Worker>,
+}
+
+impl Block {
+    /// Opens the image and builds an inactive device.
+    pub fn new(cfg: BlockConfig) -> Result<Block, BlockError> {
+        let disk = Disk::open(&cfg)?;
+        let engine = match cfg.engine {
+            IoEngine::Sync => IoEngine::Sync,
+            IoEngine::Auto if Uring::available() => IoEngine::Uring,
+            IoEngine::Auto => {
+                tracing::info!(
+                    "disk image {}: io_uring unavailable, synchronous I/O",
+                    cfg.path.display()
+                );
+                IoEngine::Sync
+            }
+            IoEngine::Uring => {
+                if let Err(source) = io_uring::IoUring::new(4) {
+                    return Err(BlockError::IoUring {
+                        path: cfg.path,
+                        source,
+                    });
+                }
+                IoEngine::Uring
+            }
+        };
+        let lim = limits(&disk);
+        let mut features = VIRTIO_F_VERSION_1
+            | 1 << VIRTIO_BLK_F_FLUSH
+            | 1 << VIRTIO_BLK_F_SEG_MAX
+            | 1 << VIRTIO_BLK_F_BLK_SIZE
+            | 1 << VIRTIO_RING_F_EVENT_IDX
+            | 1 << VIRTIO_RING_F_INDIRECT_DESC;
+        let mut config = [0u8; CONFIG_LEN];
+        let mut put = |off: usize, bytes: &[u8]| {
+            if let Some(d) = config.get_mut(off..off + bytes.len()) {
+                d.copy_from_slice(bytes);
+            }
+        };
+        put(0, &disk.sectors.to_le_bytes());
+        put(12, &SEG_MAX.to_le_bytes());
+        put(20, &(SECTOR_SIZE as u32).to_le_bytes());
+        if disk.readonly {
+            features |= 1 << VIRTIO_BLK_F_RO;
+        } else {
+            features |= 1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES;
+            put(36, &lim.max_discard_sectors.to_le_bytes());
+            put(40, &lim.max_discard_seg.to_le_bytes());
+            put(44, &DISCARD_ALIGNMENT.to_le_bytes());
+            put(48, &lim.max_write_zeroes_sectors.to_le_bytes());
+            put(52, &lim.max_write_zeroes_seg.to_le_bytes());
+            put(56, &[1]); // write_zeroes_may_unmap
+        }
+        Ok(Block {
+            disk: Arc::new(disk),
+            config,
+            features,
+            rate: cfg.rate,
+            engine,
+            metrics: Arc::new(BlockMetrics::default()),
+            worker: None,
+        })
+    }
+
+    /// The engine serving I/O: [`IoEngine::Uring`] or [`IoEngine::Sync`] (never `Auto`). It
+    /// falls back to `Sync` if io_uring cannot be set up at activation.
+    pub fn engine_in_use(&self) -> IoEngine {
+        self.engine
+    }
+
+    /// Its counters.
+    pub fn metrics(&self) -> Arc<BlockMetrics> {
+        self.metrics.clone()
+    }
+
+    /// Capacity in 512-byte sectors.
+    pub fn capacity(&self) -> u64 {
+        self.disk.sectors
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = offset
+                .checked_add(i as u64)
+                .and_then(|o| usize::try_from(o).ok())
+                .and_then(|o| self.config.get(o))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // Every field is read-only (no CONFIG_WCE).
+        tracing::debug!(offset, len = data.len(), "virtio-blk config write ignored");
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        features: u64,
+        queues: Vec<Queue>,
+        interrupt: Arc<VirtioInterrupt>,
+    ) -> Result<(), VirtioError> {
+        // A second activation without reset: stop the old worker first.
+        self.reset();
+        let mut queue = queues
+            .into_iter()
+            .next()
+            .filter(|q| q.ready())
+            .ok_or(VirtioError::InvalidQueue(0))?;
+        queue.set_event_idx(features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0);
+        let engine = match self.engine {
+            IoEngine::Uring => match Uring::new(self.disk.fd(), u32::from(QUEUE_SIZE)) {
+                Ok(u) => Engine::Uring(Box::new(u)),
+                Err(e) => {
+                    tracing::warn!(
+                        "disk image {}: io_uring set-up failed ({e}); synchronous I/O",
+                        self.disk.path.display()
+                    );
+                    self.engine = IoEngine::Sync;
+                    Engine::Sync
+                }
+            },
+            _ => Engine::Sync,
+        };
+        let limiter = RateLimiter::new(self.rate)
+            .map_err(|e| VirtioError::Host(format!("rate limiter: {e}")))?;
+        let core = Core {
+            disk: self.disk.clone(),
+            limits: limits(&self.disk),
+            metrics: self.metrics.clone(),
+        };
+        let handler = BlockWorker::new(core, mem, queue, interrupt, engine, limiter)
+            .map_err(|e| VirtioError::Host(format!("virtio-blk: {e}")))?;
+        let worker = Worker::spawn("fv-blk", 1, handler)
+            .map_err(|e| VirtioError::Host(format!("virtio-blk worker: {e}")))?;
+        self.worker = Some(worker);
+        Ok(())
+    }
+
+    fn queue_notify(&mut self, index: usize) {
+        if let Some(w) = &self.worker {
+            w.notify(index);
+        }
+    }
+
+    fn reset(&mut self) {
+        if let Some(w) = self.worker.take() {
+            // Joins the thread; its state waits for in-flight I/O before guest memory goes.
+            w.stop();
+        }
+        self.metrics.inflight.store(0, Ordering::Relaxed);
+    }
+
+    fn metrics(&self) -> Option<Arc<dyn Metrics>> {
+        Some(self.metrics.clone())
+    }
+}
