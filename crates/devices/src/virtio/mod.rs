@@ -5,6 +5,7 @@
 //! Devices never see KVM: they get guest memory, their queues and a [`VirtioInterrupt`].
 
 mod mmio;
+pub mod net;
 pub mod rng;
 pub mod worker;
 
