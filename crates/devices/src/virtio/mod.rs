@@ -8,6 +8,7 @@ pub mod balloon;
 pub mod block;
 pub mod console;
 mod mmio;
+pub mod net;
 pub mod rng;
 pub mod worker;
 
