@@ -6,6 +6,7 @@
 
 mod mmio;
 pub mod rng;
+pub mod vsock;
 pub mod worker;
 
 pub use mmio::{MmioTransport, MMIO_LEN, NOTIFY_OFFSET};

@@ -142,6 +142,19 @@ impl TestDriver {
         self.r(0x070)
     }
 
+    /// Forgets the driver-side ring state and zeroes every queue's rings, as a driver does
+    /// before setting the queues up again after a device reset.
+    pub fn reset_rings(&mut self) {
+        for q in 0..self.avail_idx.len() {
+            let (d, _, _) = rings(q);
+            self.mem
+                .write_slice(&[0u8; 0x1_0000], GuestAddress(d))
+                .unwrap();
+            self.avail_idx[q] = 0;
+            self.next_desc[q] = 0;
+        }
+    }
+
     /// Writes raw descriptor `i` of queue `q`.
     pub fn desc(&self, q: usize, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
         let base = GuestAddress(rings(q).0 + u64::from(i) * 16);
