@@ -10,6 +10,7 @@ pub mod console;
 mod mmio;
 pub mod net;
 pub mod rng;
+pub mod vsock;
 pub mod worker;
 
 pub use mmio::{MmioTransport, MMIO_LEN, NOTIFY_OFFSET};
