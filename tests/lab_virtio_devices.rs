@@ -66,7 +66,7 @@ fn block_devices_write_fsync_and_read_back_on_the_host() {
     if !lab_available("block_devices_write_fsync_and_read_back_on_the_host") {
         return;
     }
-    let dir = common::scratch("lab-blk");
+    let dir = common::scratch("blk-guest");
     let guest = guest_file(&dir, "blk-guest.sh", BLOCK_GUEST);
     let lab = run(
         "blk",
@@ -158,7 +158,7 @@ fn net_pings_and_sends_tcp_to_the_host_through_a_tap() {
     if !lab_available("net_pings_and_sends_tcp_to_the_host_through_a_tap") {
         return;
     }
-    let dir = common::scratch("lab-net");
+    let dir = common::scratch("net-guest");
     let guest = guest_file(&dir, "net-guest.sh", NET_GUEST);
     let lab = run(
         "net",
@@ -235,7 +235,7 @@ fn vsock_echoes_a_mebibyte_both_ways_through_the_hybrid_socket() {
     if !lab_available("vsock_echoes_a_mebibyte_both_ways_through_the_hybrid_socket") {
         return;
     }
-    let dir = common::scratch("lab-vsock");
+    let dir = common::scratch("vsock-guest");
     let guest = guest_file(&dir, "vsock-guest.sh", VSOCK_GUEST);
     let lab = run(
         "vsock",
@@ -315,7 +315,7 @@ fn balloon_inflation_shrinks_the_vmm_rss_and_virtio_console_carries_output() {
     if !lab_available("balloon_inflation_shrinks_the_vmm_rss_and_virtio_console_carries_output") {
         return;
     }
-    let dir = common::scratch("lab-balloon");
+    let dir = common::scratch("balloon-guest");
     let guest = guest_file(&dir, "balloon-guest.sh", BALLOON_GUEST);
     let lab = run("balloon", BALLOON_LAB, &[(guest, "/balloon-guest.sh")]);
     let s = lab.section("balloon");
