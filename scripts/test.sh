@@ -4,7 +4,7 @@
 # inside QEMU-TCG). Installs what the tests need first.
 #
 #   scripts/test.sh                 everything
-#   scripts/test.sh -- FILTER       pass FILTER (and more cargo test args) through
+#   scripts/test.sh -- FILTER       pass FILTER (and more cargo test args) through (no fuzzing)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # One cache for the scripts and the tests, even where HOME is unset (some CI runners).
@@ -18,3 +18,8 @@ cargo clippy --workspace --all-targets --release -- -D warnings
 # One build (release) serves the tests, the lab (smaller binary, faster to boot under TCG) and
 # the README's main command.
 cargo test --workspace --release "$@" -- --nocapture
+# The guest-facing parsers under libFuzzer, briefly (longer by hand: scripts/fuzz.sh 3600).
+if [ $# -eq 0 ]; then
+  (cd fuzz && cargo fmt -- --check)
+  scripts/fuzz.sh "${FUZZ_SECS:-15}"
+fi

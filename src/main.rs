@@ -37,7 +37,7 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Run one VM in the foreground, its serial console on this terminal.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Talk to a running VMM's control socket (`run --control PATH`); prints its JSON answer.
     Ctl {
         /// The control socket.

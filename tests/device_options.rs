@@ -36,7 +36,8 @@ fn fails_with(cmd: Command, expect: &[&str]) -> Output {
 
 fn run_args(fw: &str, extra: &[&str]) -> Command {
     let mut cmd = ferrovisor();
-    cmd.args(["run", "--serial", "null", "--firmware", fw]).args(extra);
+    cmd.args(["run", "--serial", "null", "--firmware", fw])
+        .args(extra);
     cmd
 }
 
@@ -106,13 +107,19 @@ fn missing_directory_and_duplicate_disks_are_refused() {
     std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
     let img = img.display().to_string();
     fails_with(
-        run_args(&fw, &["--disk", &img, "--disk", &format!("path={img},readonly=on")]),
+        run_args(
+            &fw,
+            &["--disk", &img, "--disk", &format!("path={img},readonly=on")],
+        ),
         &[&img, "given twice"],
     );
     fails_with(
         run_args(
             &fw,
-            &["--disk", &format!("path={img},id=this-id-is-far-too-long-for-virtio")],
+            &[
+                "--disk",
+                &format!("path={img},id=this-id-is-far-too-long-for-virtio"),
+            ],
         ),
         &["at most 20 bytes"],
     );
@@ -147,7 +154,9 @@ fn unreadable_and_unwritable_images_name_the_problem() {
 #[test]
 fn a_tap_that_cannot_be_created_is_a_clear_error() {
     if !is_root() || !Path::new("/dev/net/tun").exists() {
-        eprintln!("SKIPPED a_tap_that_cannot_be_created_is_a_clear_error: needs root and /dev/net/tun");
+        eprintln!(
+            "SKIPPED a_tap_that_cannot_be_created_is_a_clear_error: needs root and /dev/net/tun"
+        );
         return;
     }
     let dir = scratch("tap-perm");
@@ -192,7 +201,10 @@ fn vsock_and_console_sockets_refuse_existing_paths_and_keep_them() {
     );
     assert_eq!(std::fs::read(&taken).unwrap(), b"not ours");
     fails_with(
-        run_args(&fw, &["--vsock", &format!("cid=2,socket={}/v.sock", dir.display())]),
+        run_args(
+            &fw,
+            &["--vsock", &format!("cid=2,socket={}/v.sock", dir.display())],
+        ),
         &["cid=2", "at least 3"],
     );
     fails_with(
@@ -213,15 +225,19 @@ fn ctl(sock: &Path, args: &[&str]) -> (i32, serde_json::Value) {
     let mut cmd = ferrovisor();
     cmd.arg("ctl").arg(sock).args(args);
     let out = run(cmd, T);
-    let v = serde_json::from_str(&out.stdout)
-        .unwrap_or_else(|e| panic!("ctl {args:?}: {e}: {out:?}"));
+    let v =
+        serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("ctl {args:?}: {e}: {out:?}"));
     (out.code(), v)
 }
 
 fn wait_for(path: &Path) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !path.exists() {
-        assert!(Instant::now() < deadline, "{} never appeared", path.display());
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -270,12 +286,24 @@ fn control_socket_reports_devices_and_pauses_resumes_and_stops() {
 
     let (_, v) = ctl(&sock, &["stats"]);
     let devices = v["devices"].as_array().unwrap();
-    let kinds: Vec<&str> = devices.iter().map(|d| d["type"].as_str().unwrap()).collect();
+    let kinds: Vec<&str> = devices
+        .iter()
+        .map(|d| d["type"].as_str().unwrap())
+        .collect();
     assert_eq!(kinds, ["block", "vsock", "rng", "balloon"], "{v}");
     assert_eq!(devices[0]["id"], "data0");
-    assert!(devices[0]["counters"].as_object().unwrap().contains_key("errors"), "{v}");
+    assert!(
+        devices[0]["counters"]
+            .as_object()
+            .unwrap()
+            .contains_key("errors"),
+        "{v}"
+    );
     assert!(v["rss_bytes"].as_u64().unwrap() > 0);
-    assert!(v["vcpus"][0]["exits"]["io_out"].as_u64().unwrap() >= 3, "{v}");
+    assert!(
+        v["vcpus"][0]["exits"]["io_out"].as_u64().unwrap() >= 3,
+        "{v}"
+    );
 
     let (code, v) = ctl(&sock, &["pause"]);
     assert_eq!((code, v["state"].as_str()), (0, Some("paused")), "{v}");

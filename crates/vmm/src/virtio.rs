@@ -58,7 +58,7 @@ pub fn build_devices(config: &crate::VmConfig) -> Result<BuiltDevices, crate::Vm
         entries: Vec::new(),
         balloon: None,
     };
-    let mut push =
+    let push =
         |out: &mut BuiltDevices, kind: &'static str, id: String, d: Box<dyn VirtioDevice>| {
             out.entries.push(crate::control::DeviceEntry {
                 kind,
@@ -188,13 +188,44 @@ pub fn attach(
     Ok(out)
 }
 
-impl VirtioDevices {
-    /// Starts the event loop thread (nothing to do without devices).
-    pub fn start(self) -> std::io::Result<()> {
-        if self.notifiers.is_empty() {
-            return Ok(());
+/// The running event loop; stopping it drops the transports and with them the devices (their
+/// workers stop, sockets they created are removed).
+pub struct VirtioLoop {
+    stop: EventFd,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl VirtioLoop {
+    /// Stops the event-loop thread and waits for it.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        let _ = self.stop.write(1);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
         }
+    }
+}
+
+impl Drop for VirtioLoop {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+impl VirtioDevices {
+    /// Starts the event loop thread.
+    pub fn start(self) -> std::io::Result<VirtioLoop> {
+        let stop = EventFd::new(EFD_NONBLOCK)?;
         let epoll = Epoll::new()?;
+        let stop_token = self.notifiers.len() as u64;
+        epoll.ctl(
+            ControlOperation::Add,
+            stop.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, stop_token),
+        )?;
         for (i, n) in self.notifiers.iter().enumerate() {
             epoll.ctl(
                 ControlOperation::Add,
@@ -202,10 +233,10 @@ impl VirtioDevices {
                 EpollEvent::new(EventSet::IN, i as u64),
             )?;
         }
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("fv-virtio".into())
             .spawn(move || {
-                let mut events = vec![EpollEvent::default(); self.notifiers.len()];
+                let mut events = vec![EpollEvent::default(); self.notifiers.len() + 1];
                 loop {
                     let n = match epoll.wait(-1, &mut events) {
                         Ok(n) => n,
@@ -216,6 +247,9 @@ impl VirtioDevices {
                         }
                     };
                     for ev in &events[..n] {
+                        if ev.data() == stop_token {
+                            return;
+                        }
                         let Some(notifier) = self.notifiers.get(ev.data() as usize) else {
                             continue;
                         };
@@ -229,6 +263,9 @@ impl VirtioDevices {
                     }
                 }
             })?;
-        Ok(())
+        Ok(VirtioLoop {
+            stop,
+            thread: Some(thread),
+        })
     }
 }

@@ -420,10 +420,13 @@ impl Vm {
             })
             .map_err(io_err("starting the signal thread"))?;
 
-        if let Some(v) = self.virtio.take() {
-            v.start()
-                .map_err(io_err("starting the virtio event loop"))?;
-        }
+        let virtio_loop = match self.virtio.take() {
+            Some(v) => Some(
+                v.start()
+                    .map_err(io_err("starting the virtio event loop"))?,
+            ),
+            None => None,
+        };
         self.console
             .start_input(self.serial.clone(), self.events_tx.clone())
             .map_err(io_err("starting serial input"))?;
@@ -512,6 +515,17 @@ impl Vm {
                 vcpus.push(v);
             }
         }
+        // The devices go with the event loop (and the vCPUs' bus references, dropped above):
+        // their workers stop and the sockets they created are removed.
+        let first_registers = if event.is_none() {
+            vcpus.first().map(Vcpu::registers).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        drop(vcpus);
+        if let Some(l) = virtio_loop {
+            l.stop();
+        }
         let reason = match event {
             Some(VmEvent::Request(VmRequest::Poweroff)) => ExitReason::Poweroff,
             Some(VmEvent::Request(VmRequest::Reset)) => ExitReason::Reset,
@@ -527,7 +541,7 @@ impl Vm {
 KVM is PVM and the kernel is not PVM-aware",
                     PVM_PROGRESS_TIMEOUT.as_secs()
                 ),
-                registers: vcpus.first().map(Vcpu::registers).unwrap_or_default(),
+                registers: first_registers,
                 hint: Some(PVM_HINT.to_string()),
             })),
         };

@@ -4,9 +4,13 @@
 //! drives it the way the virtio-mmio specification says a driver-facing register block behaves.
 //! Devices never see KVM: they get guest memory, their queues and a [`VirtioInterrupt`].
 
+pub mod balloon;
 pub mod block;
+pub mod console;
 mod mmio;
+pub mod net;
 pub mod rng;
+pub mod vsock;
 pub mod worker;
 
 pub use mmio::{MmioTransport, MMIO_LEN, NOTIFY_OFFSET};

@@ -329,6 +329,11 @@ pub(super) fn check_disk(d: &DiskConfig) -> Result<(), ConfigError> {
         path: d.path.clone(),
         reason,
     };
+    if d.path.is_dir() {
+        return Err(err(
+            "not a regular file or block device (a directory)".into()
+        ));
+    }
     let f = std::fs::OpenOptions::new()
         .read(true)
         .write(!d.readonly)
