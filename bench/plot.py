@@ -7,10 +7,22 @@ SAMPLES.tsv has a header line and one sample per line, tab-separated:
 
     workload  metric  unit  vmm  run  value
 
-`vmm` is `ferrovisor` or `qemu`; lines whose value is not a number (a failed
-run, written as `NA`) are counted but not used. For every (workload, metric)
-the table shows min / median / max of each VMM and the ratio
-QEMU median / Ferrovisor median (> 1: Ferrovisor is faster or leaner).
+`vmm` is `ferrovisor` or `qemu` (or the keys given with --vmms); lines whose
+value is not a number (a failed run, written as `NA`) are counted but not used.
+For every (workload, metric) the table shows min / median / max of each VMM and
+a ratio of the medians, oriented so that > 1 means Ferrovisor is better:
+
+* lower is better (times, memory: any unit not below): QEMU / Ferrovisor;
+* higher is better when the unit is a rate, i.e. ends in "/s" (MB/s, req/s,
+  Mbit/s) or is "IOPS": Ferrovisor / QEMU.
+
+The ratio column's header names the direction: "ratio (QEMU/FV)" when every row
+is lower-is-better (the boot and start-up tables), "ratio (FV/QEMU)" when every
+row is higher-is-better, else "ratio (> 1: FV better)" with each cell tagged.
+
+--vmms KEY=LABEL[:SHORT],KEY=LABEL[:SHORT] compares two other columns (first:
+the subject, second: the baseline), e.g. `model=Ferrovisor model:model,
+host=host file:host`; the default is `ferrovisor=Ferrovisor:FV,qemu=QEMU:QEMU`.
 
 The SVG has one panel per metric; in each, per workload, a bar per VMM at the
 median with a whisker from min to max. Python's standard library only.
@@ -24,6 +36,27 @@ from collections import OrderedDict
 from xml.sax.saxutils import escape
 
 VMMS = [("ferrovisor", "Ferrovisor", "#c0392b"), ("qemu", "QEMU", "#2c6fbb")]
+SHORT = {"ferrovisor": "FV", "qemu": "QEMU"}
+
+
+def higher_is_better(unit):
+    """Rates (a unit ending in "/s", or IOPS) are better higher; everything else lower."""
+    u = unit.strip().lower()
+    return u.endswith("/s") or u == "iops"
+
+
+def parse_vmms(spec):
+    """KEY=LABEL[:SHORT],KEY=LABEL[:SHORT] -> (VMMS, SHORT)."""
+    parts = [p for p in spec.split(",") if p]
+    if len(parts) != 2 or any("=" not in p for p in parts):
+        sys.exit(f"--vmms: expected KEY=LABEL[:SHORT],KEY=LABEL[:SHORT], not {spec!r}")
+    vmms, short = [], {}
+    for p, (_, _, colour) in zip(parts, VMMS):
+        key, label = p.split("=", 1)
+        label, _, sh = label.partition(":")
+        vmms.append((key, label, colour))
+        short[key] = sh or label
+    return vmms, short
 
 
 def load(path):
@@ -72,9 +105,19 @@ def stats(values):
 
 
 def table(groups, failures, title):
+    (a, alabel, _), (b, blabel, _) = VMMS
+    sa, sb = SHORT[a], SHORT[b]
+    dirs = {higher_is_better(unit) for (_, _, unit) in groups}
+    mixed = len(dirs) > 1
+    if mixed:
+        rhead = f"ratio (> 1: {sa} better)"
+    elif dirs == {True}:
+        rhead = f"ratio ({sa}/{sb})"
+    else:
+        rhead = f"ratio ({sb}/{sa})"
     rows = [["workload", "metric", "unit",
-             "Ferrovisor min / median / max", "QEMU min / median / max",
-             "ratio (QEMU/FV)", "n (FV, QEMU)"]]
+             f"{alabel} min / median / max", f"{blabel} min / median / max",
+             rhead, f"n ({sa}, {sb})"]]
     for (workload, metric, unit), per in groups.items():
         cells = [workload, metric, unit]
         meds = {}
@@ -86,8 +129,15 @@ def table(groups, failures, title):
             n = len(per.get(vmm, []))
             bad = failures.get(((workload, metric, unit), vmm), 0)
             counts.append(f"{n}" + (f"+{bad} failed" if bad else ""))
-        f, q = meds["ferrovisor"], meds["qemu"]
-        cells.append(f"{q / f:.2f}" if f and q is not None else "-")
+        f, q = meds[a], meds[b]
+        hi = higher_is_better(unit)
+        if hi:
+            r = f"{f / q:.2f}" if q and f is not None else "-"
+        else:
+            r = f"{q / f:.2f}" if f and q is not None else "-"
+        if mixed and r != "-":
+            r += f" ({sa}/{sb})" if hi else f" ({sb}/{sa})"
+        cells.append(r)
         cells.append(", ".join(counts))
         rows.append(cells)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -127,7 +177,7 @@ def svg(groups, title):
     for _, label, colour in VMMS:
         o.append(f'<rect x="{lx}" y="34" width="12" height="12" fill="{colour}"/>')
         o.append(f'<text x="{lx + 16}" y="44">{label}</text>')
-        lx += 110
+        lx += max(110, 8 * len(label) + 30)
     o.append(f'<text x="{W - RIGHT}" y="44" text-anchor="end" fill="#555">'
              'bar: median, whisker: min–max</text>')
     y0 = TOP
@@ -137,8 +187,9 @@ def svg(groups, title):
         base = top + plot_h
         vmax = max([v for per in workloads.values() for vals in per.values() for v in vals] or [1])
         ymax = nice_max(vmax)
+        better = " — higher is better" if higher_is_better(unit) else ""
         o.append(f'<text x="{LEFT}" y="{y0 + 12}" font-weight="bold">'
-                 f'{escape(metric)} ({escape(unit)})</text>')
+                 f'{escape(metric)} ({escape(unit)}){better}</text>')
         for i in range(6):
             v = ymax * i / 5
             y = base - plot_h * i / 5
@@ -181,7 +232,12 @@ def main():
     ap.add_argument("--title", default="Ferrovisor vs QEMU")
     ap.add_argument("--table", help="also write the table to this file")
     ap.add_argument("--svg", help="write the plot to this file")
+    ap.add_argument("--vmms", help="KEY=LABEL[:SHORT],KEY=LABEL[:SHORT]: the two columns "
+                    "compared (subject, baseline); default ferrovisor=Ferrovisor:FV,qemu=QEMU")
     a = ap.parse_args()
+    if a.vmms:
+        global VMMS, SHORT
+        VMMS, SHORT = parse_vmms(a.vmms)
     groups, failures = load(a.samples)
     if not groups:
         sys.exit(f"{a.samples}: no samples")

@@ -12,11 +12,21 @@
 # Ferrovisor prepends console=ttyS0 itself; QEMU is given it explicitly, so
 # the guest kernels see the same command line (the guest's fv.action=hold
 # prints it as FV-CMDLINE, and bench/boot.sh checks they match).
+#
+# With BENCH_DISK (a raw image), BENCH_TAP (a TAP name) and BENCH_MAC set, both
+# VMMs also get the I/O benchmark's devices (bench/io.sh): a virtio-blk disk on
+# the image and a virtio-net NIC on the TAP (guest /dev/vda and eth0). QEMU's
+# are userspace virtio (no vhost, no iothread), one request queue of 256 like
+# Ferrovisor's, and the image is opened with cache=$BENCH_QEMU_CACHE (default
+# writeback: host page cache, guest flushes reach the file with fdatasync,
+# what Ferrovisor does).
 
+# shellcheck shell=sh disable=SC2153  # BENCH_MAC: set by the caller with BENCH_DISK
 BENCH_CPUS=${BENCH_CPUS:-2}
 BENCH_MEM=${BENCH_MEM:-512M}
 FERROVISOR=${FERROVISOR:-ferrovisor}
 QEMU=${QEMU:-qemu-system-x86_64}
+BENCH_QEMU_CACHE=${BENCH_QEMU_CACHE:-writeback}
 
 # show_cmd ARGS...: print ARGS as a shell command line (quoting those with
 # spaces).
@@ -34,6 +44,27 @@ show_cmd() {
 vmm_cmd() {
   _vmm=$1 _kernel=$2 _initrd=$3 _args=$4
   shift 4
+  if [ -n "${BENCH_DISK:-}" ]; then
+    case "$_vmm" in
+      ferrovisor)
+        "$@" "$FERROVISOR" run --kernel "$_kernel" --initrd "$_initrd" \
+          --cpus "$BENCH_CPUS" --memory "$BENCH_MEM" \
+          --disk "path=$BENCH_DISK" --net "tap=$BENCH_TAP,mac=$BENCH_MAC" \
+          --cmdline "$_args" --serial stdio ;;
+      qemu)
+        "$@" "$QEMU" -M microvm,isa-serial=on,rtc=on -accel kvm -cpu host \
+          -smp "$BENCH_CPUS" -m "$BENCH_MEM" \
+          -nodefaults -no-user-config -display none -serial stdio \
+          -kernel "$_kernel" -initrd "$_initrd" -append "console=ttyS0 $_args" \
+          -drive "file=$BENCH_DISK,format=raw,if=none,id=d0,cache=$BENCH_QEMU_CACHE,aio=threads" \
+          -device virtio-blk-device,drive=d0,num-queues=1,queue-size=256 \
+          -netdev "tap,id=n0,ifname=$BENCH_TAP,script=no,downscript=no,vhost=off" \
+          -device "virtio-net-device,netdev=n0,mac=$BENCH_MAC" ;;
+      *)
+        echo "vmm_cmd: unknown VMM $_vmm" >&2; return 2 ;;
+    esac
+    return
+  fi
   case "$_vmm" in
     ferrovisor)
       "$@" "$FERROVISOR" run --kernel "$_kernel" --initrd "$_initrd" \
