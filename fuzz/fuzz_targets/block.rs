@@ -32,7 +32,8 @@ fn processor() -> &'static Mutex<RequestProcessor> {
 fuzz_target!(|data: &[u8]| {
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).expect("guest memory");
     let n = data.len().min(MEM);
-    mem.write_slice(&data[..n], GuestAddress(0)).expect("inside memory");
+    mem.write_slice(&data[..n], GuestAddress(0))
+        .expect("inside memory");
     let mut q = Queue::new(16).expect("valid size");
     q.set_size(16);
     q.set_desc_table_address(Some(0x1000), Some(0));

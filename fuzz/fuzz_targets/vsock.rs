@@ -26,7 +26,8 @@ fn queue(desc: u32, avail: u32, used: u32) -> Queue {
 fuzz_target!(|data: &[u8]| {
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).expect("guest memory");
     let n = data.len().min(MEM);
-    mem.write_slice(&data[..n], GuestAddress(0)).expect("inside memory");
+    mem.write_slice(&data[..n], GuestAddress(0))
+        .expect("inside memory");
     let mut tx = queue(0x1000, 0x2000, 0x3000);
     let mut rx = queue(0x4000, 0x5000, 0x6000);
     let mut m = Muxer::new(
