@@ -132,13 +132,15 @@ done
 ping -c 3 -W 2 169.254.77.1 > /tmp/ping.out 2>&1; echo "FV-NET ping rc=$? $(grep -o '[0-9]* packets received' /tmp/ping.out | tr ' ' '_')"
 yes ferrovisor-net-payload | head -c 8388608 > /tmp/payload
 echo "FV-NET sent-md5=$(md5sum < /tmp/payload | cut -d' ' -f1)"
-socat -u FILE:/tmp/payload TCP:169.254.77.1:5001,connect-timeout=10; echo "FV-NET tcp rc=$?"
+# The host answers with the md5 of what it received once it has it all: the guest cannot power
+# off with data still in its send queue.
+socat -t 60 - TCP:169.254.77.1:5001,connect-timeout=10 < /tmp/payload > /tmp/ack; echo "FV-NET tcp rc=$? ack=$(cat /tmp/ack)"
 echo "FV-NET features=$(cat /sys/class/net/eth0/device/features 2>/dev/null)"
 "#;
 
 const NET_LAB: &str = r#"
 lab-guest-initrd /net-guest.sh /tmp/net-initrd.cpio.gz /usr/bin/socat
-socat -u TCP-LISTEN:5001,reuseaddr OPEN:/tmp/received,creat,trunc &
+socat -t 30 TCP-LISTEN:5001,reuseaddr SYSTEM:'cat >/tmp/received && md5sum </tmp/received | head -c 32' &
 listener=$!
 fv net --kernel "$GUEST_VMLINUX" --initrd /tmp/net-initrd.cpio.gz --cpus 2 --memory 512M \
   --net tap=fvtap0,mac=52:54:00:fe:00:02,id=nic0 --cmdline "quiet fv.action=script" &
@@ -180,6 +182,7 @@ fn net_pings_and_sends_tcp_to_the_host_through_a_tap() {
     assert!(t.contains("3_packets_received"), "{t}");
     assert_eq!(field(t, "FV-NET tcp", "rc"), Some("0"), "{t}");
     let sent = field(t, "FV-NET sent-md5", "sent-md5").unwrap();
+    assert_eq!(field(t, "FV-NET tcp", "ack"), Some(sent), "{t}");
     let out = &lab.output.stdout;
     assert_eq!(
         field(out, "HOST-NET received-md5", "received-md5"),
@@ -204,13 +207,13 @@ socat -t 30 - VSOCK-CONNECT:2:5000 < /tmp/data > /tmp/echo; echo "FV-VSOCK g2h r
 echo "FV-VSOCK g2h-md5=$(md5sum < /tmp/echo | cut -d' ' -f1) bytes=$(wc -c < /tmp/echo)"
 # host -> guest: echo one connection on port 1234, then finish.
 echo "FV-VSOCK listening"
-timeout 120 socat VSOCK-LISTEN:1234 EXEC:cat; echo "FV-VSOCK h2g-server rc=$?"
+timeout 120 socat -t 30 VSOCK-LISTEN:1234 EXEC:cat; echo "FV-VSOCK h2g-server rc=$?"
 "#;
 
 const VSOCK_LAB: &str = r#"
 lab-guest-initrd /vsock-guest.sh /tmp/vsock-initrd.cpio.gz /usr/bin/socat
 yes ferrovisor-vsock-data | head -c 1048576 > /tmp/data
-socat UNIX-LISTEN:/tmp/fv.vsock_5000,fork EXEC:cat &
+socat -t 30 UNIX-LISTEN:/tmp/fv.vsock_5000,fork EXEC:cat &
 echoer=$!
 fv vsock --kernel "$GUEST_VMLINUX" --initrd /tmp/vsock-initrd.cpio.gz --cpus 2 --memory 512M \
   --vsock cid=42,socket=/tmp/fv.vsock --cmdline "quiet fv.action=script" &

@@ -113,6 +113,10 @@ pub fn run_scenario_with(
     lab_args: &[&str],
     timeout: Duration,
 ) -> LabRun {
+    // One lab at a time per test binary: on a 2-core machine concurrent QEMU-TCG sessions slow
+    // each other down until guest timeouts hide real results.
+    static LAB: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = LAB.lock().unwrap_or_else(|e| e.into_inner());
     let dir = scratch(&format!("lab-{name}"));
     let script = dir.join("scenario.sh");
     std::fs::write(&script, format!("{PRELUDE}\n{scenario}\n")).unwrap();

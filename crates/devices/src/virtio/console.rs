@@ -344,15 +344,7 @@ impl VirtioDevice for Console {
         if let Some(w) = self.worker.take() {
             w.stop();
         }
-        let mut queues = queues.into_iter();
-        let rx = queues
-            .next()
-            .filter(|q| q.ready())
-            .ok_or(VirtioError::InvalidQueue(RX))?;
-        let tx = queues
-            .next()
-            .filter(|q| q.ready())
-            .ok_or(VirtioError::InvalidQueue(TX))?;
+        let [rx, tx] = super::ready_queues::<2>(queues)?;
         let resume = EventFd::new(EFD_NONBLOCK)
             .map_err(|e| VirtioError::Host(format!("console eventfd: {e}")))?;
         let handler = ConsoleHandler {

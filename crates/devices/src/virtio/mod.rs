@@ -18,7 +18,7 @@ pub use mmio::{MmioTransport, MMIO_LEN, NOTIFY_OFFSET};
 use crate::Interrupt;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 /// Feature bit: a virtio 1.x device (the only kind offered).
@@ -81,6 +81,21 @@ pub enum VirtioError {
     /// A host-side failure.
     #[error("{0}")]
     Host(String),
+}
+
+/// The `N` queues a device was activated with, in order, each ready (the transport checks that
+/// too; a device does not rely on it). The first missing or not-ready one is the error.
+pub fn ready_queues<const N: usize>(queues: Vec<Queue>) -> Result<[Queue; N], VirtioError> {
+    let mut it = queues.into_iter();
+    let mut out = Vec::with_capacity(N);
+    for i in 0..N {
+        out.push(
+            it.next()
+                .filter(|q| q.ready())
+                .ok_or(VirtioError::InvalidQueue(i))?,
+        );
+    }
+    out.try_into().map_err(|_| VirtioError::InvalidQueue(0))
 }
 
 /// A virtio device model.

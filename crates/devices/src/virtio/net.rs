@@ -936,15 +936,7 @@ impl VirtioDevice for Net {
         if let Some(w) = self.worker.take() {
             w.stop();
         }
-        let mut it = queues.into_iter();
-        let rx = it
-            .next()
-            .filter(|q| q.ready())
-            .ok_or(VirtioError::InvalidQueue(RX_QUEUE))?;
-        let tx = it
-            .next()
-            .filter(|q| q.ready())
-            .ok_or(VirtioError::InvalidQueue(TX_QUEUE))?;
+        let [rx, tx] = super::ready_queues::<2>(queues)?;
         let features = features & OFFERED_FEATURES;
         let flags = tap_offload_flags(features);
         self.backend.set_offload(flags).map_err(|e| {

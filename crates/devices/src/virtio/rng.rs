@@ -163,13 +163,10 @@ impl VirtioDevice for Rng {
         &mut self,
         mem: GuestMemoryMmap,
         _features: u64,
-        mut queues: Vec<Queue>,
+        queues: Vec<Queue>,
         interrupt: Arc<VirtioInterrupt>,
     ) -> Result<(), VirtioError> {
-        let queue = queues
-            .pop()
-            .filter(|q| q.ready())
-            .ok_or(VirtioError::InvalidQueue(0))?;
+        let [queue] = super::ready_queues::<1>(queues)?;
         self.active = Some(Active {
             mem,
             queue,

@@ -313,11 +313,7 @@ impl VirtioDevice for Block {
     ) -> Result<(), VirtioError> {
         // A second activation without reset: stop the old worker first.
         self.reset();
-        let mut queue = queues
-            .into_iter()
-            .next()
-            .filter(|q| q.ready())
-            .ok_or(VirtioError::InvalidQueue(0))?;
+        let [mut queue] = super::ready_queues::<1>(queues)?;
         queue.set_event_idx(features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0);
         let engine = match self.engine {
             IoEngine::Uring => match Uring::new(self.disk.fd(), u32::from(QUEUE_SIZE)) {
