@@ -68,6 +68,9 @@ enum CtlRequest {
     Resume,
     /// Stop the VM (the VMM exits 0).
     Stop,
+    /// Press the ACPI power button and return at once; the guest powers off (the VMM exits 0)
+    /// if it handles the button.
+    Shutdown,
     /// Set the balloon size (memory taken from the guest), e.g. 256M; 0 gives it all back.
     Balloon {
         /// New size.
@@ -254,6 +257,7 @@ fn ctl(socket: &std::path::Path, request: &CtlRequest) -> anyhow::Result<u8> {
         CtlRequest::Pause => serde_json::json!({"cmd": "pause"}),
         CtlRequest::Resume => serde_json::json!({"cmd": "resume"}),
         CtlRequest::Stop => serde_json::json!({"cmd": "stop"}),
+        CtlRequest::Shutdown => serde_json::json!({"cmd": "shutdown"}),
         CtlRequest::Balloon { size } => serde_json::json!({"cmd": "balloon", "size": size.0}),
     };
     let answer = vmm::control::request(socket, &req)

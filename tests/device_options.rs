@@ -243,8 +243,8 @@ fn wait_for(path: &Path) {
 }
 
 #[test]
-fn control_socket_reports_devices_and_pauses_resumes_and_stops() {
-    if !kvm_available("control_socket_reports_devices_and_pauses_resumes_and_stops") {
+fn control_socket_reports_devices_and_pauses_resumes_shuts_down_and_stops() {
+    if !kvm_available("control_socket_reports_devices_and_pauses_resumes_shuts_down_and_stops") {
         return;
     }
     let dir = scratch("control");
@@ -309,6 +309,9 @@ fn control_socket_reports_devices_and_pauses_resumes_and_stops() {
     assert_eq!((code, v["state"].as_str()), (0, Some("paused")), "{v}");
     let (_, v) = ctl(&sock, &["status"]);
     assert_eq!(v["state"], "paused");
+    let (code, v) = ctl(&sock, &["shutdown"]);
+    assert_ne!(code, 0, "a paused guest cannot see the power button: {v}");
+    assert!(v["error"].as_str().unwrap().contains("paused"), "{v}");
     let (code, v) = ctl(&sock, &["resume"]);
     assert_eq!((code, v["state"].as_str()), (0, Some("running")), "{v}");
 
@@ -332,6 +335,27 @@ fn control_socket_reports_devices_and_pauses_resumes_and_stops() {
             assert!(line.contains(expect), "{expect}: {line}");
         }
     }
+
+    // The power button: answered at once. This real-mode guest has no ACPI and ignores it,
+    // so it keeps running (as a supervisor would see before its timeout) until `stop`.
+    let t0 = Instant::now();
+    let (code, v) = ctl(&sock, &["shutdown"]);
+    assert_eq!(
+        (code, v["state"].as_str()),
+        (0, Some("shutting-down")),
+        "{v}"
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "shutdown answers at once"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let (code, v) = ctl(&sock, &["status"]);
+    assert_eq!(
+        (code, v["state"].as_str()),
+        (0, Some("shutting-down")),
+        "{v}"
+    );
 
     let (code, v) = ctl(&sock, &["stop"]);
     assert_eq!(code, 0, "{v}");

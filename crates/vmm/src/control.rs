@@ -1,10 +1,15 @@
 //! The VMM's control socket (`ferrovisor run --control PATH`): one JSON request per line, one
 //! JSON answer per line. It is how a supervisor (the host daemon, `ferrovisor ctl`) asks a
-//! running VMM for its state and counters and changes it (pause, resume, stop, balloon size).
+//! running VMM for its state and counters and changes it (pause, resume, stop, shutdown, balloon
+//! size).
 //!
 //! Requests: `{"cmd":"status"}`, `{"cmd":"stats"}`, `{"cmd":"pause"}`, `{"cmd":"resume"}`,
-//! `{"cmd":"stop"}`, `{"cmd":"balloon","size":"256M"}`. Answers: `{"ok":true,...}` or
-//! `{"ok":false,"error":"..."}`. The socket is created mode 0600.
+//! `{"cmd":"stop"}`, `{"cmd":"shutdown"}`, `{"cmd":"balloon","size":"256M"}`. Answers:
+//! `{"ok":true,...}` or `{"ok":false,"error":"..."}`. The socket is created mode 0600.
+//!
+//! `shutdown` presses the ACPI power button and answers at once (`"state":"shutting-down"`);
+//! a guest that handles the button powers off through ACPI S5 and the VMM exits 0. A guest that
+//! ignores it keeps running: the supervisor's timeout, then `stop`, ends it.
 
 use crate::config::ByteSize;
 use crate::cpu::{ExitCounts, VcpuStats};
@@ -33,6 +38,8 @@ pub enum Action {
     Resume,
     /// Stop the VM (the process exits 0).
     Stop,
+    /// Press the ACPI power button; the guest decides what to do (normally: power off).
+    Shutdown,
 }
 
 /// An [`Action`] with where to send its outcome.
@@ -72,6 +79,8 @@ pub struct ControlState {
     pub events: Sender<VmEvent>,
     /// Current run state, shared with the main loop.
     pub paused: Arc<std::sync::atomic::AtomicBool>,
+    /// Set once the power button was pressed (`shutdown`).
+    pub shutting_down: Arc<std::sync::atomic::AtomicBool>,
 }
 
 #[derive(Deserialize)]
@@ -82,6 +91,7 @@ enum Request {
     Pause,
     Resume,
     Stop,
+    Shutdown,
     Balloon { size: ByteSize },
 }
 
@@ -183,6 +193,7 @@ pub fn handle_line(line: &[u8], state: &ControlState) -> Value {
         Request::Pause => action(state, Action::Pause),
         Request::Resume => action(state, Action::Resume),
         Request::Stop => action(state, Action::Stop),
+        Request::Shutdown => action(state, Action::Shutdown),
         Request::Balloon { size } => match &state.balloon {
             None => {
                 json!({"ok": false, "error": "this VM has no balloon (start it with --balloon)"})
@@ -200,6 +211,11 @@ pub fn handle_line(line: &[u8], state: &ControlState) -> Value {
 fn run_state(state: &ControlState) -> &'static str {
     if state.paused.load(std::sync::atomic::Ordering::SeqCst) {
         "paused"
+    } else if state
+        .shutting_down
+        .load(std::sync::atomic::Ordering::SeqCst)
+    {
+        "shutting-down"
     } else {
         "running"
     }

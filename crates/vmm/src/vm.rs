@@ -3,7 +3,7 @@
 //! States: Created (built, nothing running) → Running ⇄ Paused → Stopped. [`Vm::build`] gives a
 //! Created VM; [`Vm::run`] runs it to Stopped and returns why it stopped.
 
-use crate::boot::acpi::{self, ACPI_PM_PORT, COM1_IRQ, COM1_PORT, PVPANIC_PORT};
+use crate::boot::acpi::{self, ACPI_PM_PORT, COM1_IRQ, COM1_PORT, GED_GSI, GED_PORT, PVPANIC_PORT};
 use crate::boot::{self, LinuxBoot};
 use crate::config::{ConfigError, HostLimits, VmConfig, MAX_VCPUS_GUEST};
 use crate::console::{Console, ConsoleError};
@@ -12,7 +12,8 @@ use crate::cpu::{self, ExitCounts, RunControl, Vcpu, VcpuSetup, VcpuStats};
 use crate::kvm::{self, KvmError, KvmFlavour, PVM_HINT};
 use crate::memory::{self, KVM_IDENTITY_MAP_START, KVM_TSS_START};
 use devices::legacy::{
-    AcpiPm, PvPanic, ResetControl, Serial, ACPI_PM_LEN, I8042, RESET_CONTROL_PORT,
+    AcpiPm, Ged, GedHandle, PvPanic, ResetControl, Serial, ACPI_PM_LEN, GED_LEN, I8042,
+    RESET_CONTROL_PORT,
 };
 use devices::{Bus, Interrupt, VmRequest, VmRequestFn};
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
@@ -190,6 +191,7 @@ pub struct Vm {
     cpus: u32,
     memory_size: u64,
     serial: Arc<Mutex<Serial>>,
+    power_button: GedHandle,
     events_tx: Sender<VmEvent>,
     events_rx: Receiver<VmEvent>,
     control: Arc<RunControl>,
@@ -304,6 +306,18 @@ impl Vm {
             ACPI_PM_LEN,
         )
         .map_err(dev_err)?;
+        // The ACPI power button: the GED's event register and its edge-triggered GSI.
+        let ged_irq = Interrupt::new().map_err(|source| VmError::Io {
+            what: "creating the GED interrupt eventfd",
+            source,
+        })?;
+        vm_fd
+            .register_irqfd(ged_irq.eventfd(), GED_GSI)
+            .map_err(kvm_err("KVM_IRQFD (GED)"))?;
+        let ged = Ged::new(ged_irq);
+        let power_button = ged.handle();
+        pio.insert(Arc::new(Mutex::new(ged)), u64::from(GED_PORT), GED_LEN)
+            .map_err(dev_err)?;
         let pio = Arc::new(pio);
         let mut mmio = Bus::new();
         let virtio = crate::virtio::attach(&vm_fd, &mem, &mut mmio, built.devices)
@@ -368,6 +382,7 @@ impl Vm {
             _firmware: firmware,
             console,
             serial,
+            power_button,
             events_tx,
             events_rx,
             control: Arc::new(RunControl::default()),
@@ -449,6 +464,7 @@ impl Vm {
             self.started.elapsed().as_secs_f64() * 1000.0
         );
         let paused = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let shutting_down = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let _control_socket = match self.control_path.clone() {
             Some(path) => {
                 let state = crate::control::ControlState {
@@ -460,6 +476,7 @@ impl Vm {
                     balloon: self.balloon.clone(),
                     events: self.events_tx.clone(),
                     paused: paused.clone(),
+                    shutting_down: shutting_down.clone(),
                 };
                 match crate::control::serve(&path, state) {
                     Ok(sock) => Some(sock),
@@ -492,6 +509,23 @@ impl Vm {
                             self.control.resume();
                             paused.store(false, std::sync::atomic::Ordering::SeqCst);
                             Ok("running")
+                        }
+                        crate::control::Action::Shutdown => {
+                            if paused.load(std::sync::atomic::Ordering::SeqCst) {
+                                Err("the VM is paused and cannot react to the power button; \
+resume it first, or stop it"
+                                    .to_string())
+                            } else {
+                                match self.power_button.press_power_button() {
+                                    Ok(()) => {
+                                        tracing::info!("ACPI power button pressed");
+                                        shutting_down
+                                            .store(true, std::sync::atomic::Ordering::SeqCst);
+                                        Ok("shutting-down")
+                                    }
+                                    Err(e) => Err(format!("pressing the power button: {e}")),
+                                }
+                            }
                         }
                         crate::control::Action::Stop => {
                             let _ = req.reply.send(Ok("stopped"));

@@ -1,13 +1,15 @@
-//! Legacy PC devices: COM1 serial, the i8042 reset line, the 0xcf9 reset register, pvpanic and
-//! the ACPI power controls.
+//! Legacy PC devices: COM1 serial, the i8042 reset line, the 0xcf9 reset register, pvpanic,
+//! the ACPI power controls and the ACPI Generic Event Device's register (the power button).
 
 mod acpi_pm;
+mod ged;
 mod i8042;
 mod pvpanic;
 mod reset_control;
 mod serial;
 
 pub use acpi_pm::{AcpiPm, ACPI_PM_LEN, RESET_VALUE, S5_SLP_TYP, SLP_EN};
+pub use ged::{Ged, GedHandle, GED_LEN, GED_POWER_BUTTON};
 pub use i8042::I8042;
 pub use pvpanic::{PvPanic, PVPANIC_CAPABILITIES, PVPANIC_CRASH_LOADED, PVPANIC_PANICKED};
 pub use reset_control::{ResetControl, RESET_CONTROL_PORT, RST_CPU};

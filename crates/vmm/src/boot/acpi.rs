@@ -12,7 +12,7 @@ use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::Aml;
-use devices::legacy::{RESET_VALUE, S5_SLP_TYP};
+use devices::legacy::{GED_LEN, GED_POWER_BUTTON, RESET_VALUE, S5_SLP_TYP};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const OEM_ID: [u8; 6] = *b"FERROV";
@@ -26,6 +26,11 @@ pub const COM1_IRQ: u32 = 4;
 pub const PVPANIC_PORT: u16 = 0x505;
 /// The ACPI power/reset port block ([`devices::legacy::AcpiPm`]).
 pub const ACPI_PM_PORT: u16 = 0x600;
+/// The Generic Event Device's event register ([`devices::legacy::Ged`]), right after it.
+pub const GED_PORT: u16 = 0x604;
+/// The GED's interrupt: an ISA-range GSI nothing else uses (COM1 is 4, the PIT 2, virtio
+/// 16–23; a hardware-reduced platform has no SCI), edge-triggered like every irqfd line here.
+pub const GED_GSI: u32 = 10;
 
 /// A device described in the DSDT beyond the fixed ones.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,7 +68,72 @@ pub fn madt(cpus: u32) -> Sdt {
     t
 }
 
-/// The DSDT: `_S5_`, COM1, pvpanic and `extra` devices under `\_SB`.
+/// The Generic Event Device and the power button it notifies.
+fn ged_and_power_button(devs: &mut Vec<RawAml>) {
+    let mut ged = Vec::new();
+    aml::Device::new(
+        "GED_".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &"ACPI0013"),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![&aml::Interrupt::new(
+                    true, true, false, false, GED_GSI,
+                )]),
+            ),
+            &aml::OpRegion::new(
+                "GDST".into(),
+                aml::OpRegionSpace::SystemIO,
+                &GED_PORT,
+                &(GED_LEN as u8),
+            ),
+            &aml::Field::new(
+                "GDST".into(),
+                aml::FieldAccessType::Byte,
+                aml::FieldLockRule::NoLock,
+                aml::FieldUpdateRule::Preserve,
+                vec![aml::FieldEntry::Named(*b"GDAT", 8)],
+            ),
+            // Linux's evged calls _EVT(GSI) from its threaded interrupt handler. Reading GDAT
+            // takes (and clears) the pending events.
+            &aml::Method::new(
+                "_EVT".into(),
+                1,
+                true,
+                vec![
+                    &aml::Store::new(&aml::Local(0), &aml::Path::new("GDAT")),
+                    &aml::And::new(&aml::Local(1), &aml::Local(0), &GED_POWER_BUTTON),
+                    &aml::If::new(
+                        &aml::Equal::new(&aml::Local(1), &GED_POWER_BUTTON),
+                        vec![&aml::Notify::new(
+                            &aml::Path::new("\\_SB_.PWRB"),
+                            &POWER_BUTTON_PRESSED,
+                        )],
+                    ),
+                ],
+            ),
+        ],
+    )
+    .to_aml_bytes(&mut ged);
+    devs.push(RawAml(ged));
+    let mut pwrb = Vec::new();
+    aml::Device::new(
+        "PWRB".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C0C")),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+        ],
+    )
+    .to_aml_bytes(&mut pwrb);
+    devs.push(RawAml(pwrb));
+}
+
+/// The notification a power button device gets when pressed (ACPI 6.5, 5.6.6: 0x80).
+const POWER_BUTTON_PRESSED: u8 = 0x80;
+
+/// The DSDT: `_S5_`, COM1, pvpanic, the GED with the power button, and `extra` devices under
+/// `\_SB`.
 pub fn dsdt(extra: &[DsdtDevice]) -> Sdt {
     let mut t = Sdt::new(*b"DSDT", 36, 2, OEM_ID, *b"FVDSDT  ", OEM_REVISION);
     let mut body: Vec<u8> = Vec::new();
@@ -108,6 +178,7 @@ pub fn dsdt(extra: &[DsdtDevice]) -> Sdt {
     )
     .to_aml_bytes(&mut pvpanic);
     devs.push(RawAml(pvpanic));
+    ged_and_power_button(&mut devs);
     for (i, d) in extra.iter().enumerate() {
         let DsdtDevice::VirtioMmio { base, len, irq } = *d;
         let mut v = Vec::new();
@@ -329,6 +400,42 @@ mod tests {
         assert!(has(b"QEMU0001"));
         assert!(has(b"LNRO0005"));
         assert!(has(b"COM1"));
+        ged_and_power_button_are_described(&dsdt);
+    }
+
+    /// The GED (`ACPI0013`) with its interrupt, register and `_EVT(GSI)`, and the power button
+    /// (`PNP0C0C`) it notifies, as the AML bytes a guest's interpreter reads.
+    fn ged_and_power_button_are_described(dsdt: &[u8]) {
+        let has = |s: &[u8]| dsdt.windows(s.len()).any(|w| w == s);
+        assert!(has(b"GED_"));
+        assert!(has(b"ACPI0013"));
+        let mut pnp0c0c = Vec::new();
+        aml::EISAName::new("PNP0C0C").to_aml_bytes(&mut pnp0c0c);
+        assert!(has(&[b"PWRB".as_slice(), b"\x08_HID", &pnp0c0c].concat()));
+        // Extended interrupt descriptor: consumer, edge, active high, exclusive, one GSI.
+        let mut irq = vec![0x89, 6, 0, 0b0011, 1];
+        irq.extend_from_slice(&GED_GSI.to_le_bytes());
+        assert!(has(&irq), "GED interrupt on GSI {GED_GSI}");
+        // OperationRegion (GDST, SystemIO, GED_PORT, 1) and its byte field GDAT.
+        let port = GED_PORT.to_le_bytes();
+        assert!(has(&[
+            0x5b, 0x80, b'G', b'D', b'S', b'T', 1, 0x0b, port[0], port[1], 1
+        ]));
+        assert!(
+            has(b"GDST\x01GDAT\x08"),
+            "Field (GDST, ByteAcc) {{ GDAT, 8 }}"
+        );
+        // Method (_EVT, 1, Serialized): evged passes the GSI as its one argument.
+        let evt = dsdt
+            .windows(5)
+            .position(|w| w == b"_EVT\x09")
+            .expect("_EVT with 1 argument, serialized");
+        assert!(
+            dsdt[evt - 2] == 0x14 || dsdt[evt - 3] == 0x14,
+            "MethodOp, then a 1- or 2-byte length"
+        );
+        // Notify (\_SB_.PWRB, 0x80).
+        assert!(has(b"\x86\\\x2e_SB_PWRB\x0a\x80"));
     }
 
     #[test]
