@@ -1,0 +1,13 @@
+//! Ferrovisor's host daemon. For now: its state store — VM definitions, desired and runtime
+//! state, and the event log, in SQLite ([`store`]). Process supervision and the HTTP API are
+//! built on top of [`Store`].
+#![deny(missing_docs)]
+
+pub mod error;
+pub mod store;
+
+pub use error::StoreError;
+pub use store::{
+    now_millis, proc_start_time, process_matches, validate_name, DesiredState, Event, EventId,
+    EventKind, RestartPolicy, Runtime, Store, UnixMillis, VmId, VmRecord, VmState, SCHEMA_VERSION,
+};
