@@ -1,8 +1,9 @@
-//! Ferrovisor's host daemon. For now: its state store — VM definitions, desired and runtime
-//! state, and the event log, in SQLite ([`store`]). Process supervision and the HTTP API are
-//! built on top of [`Store`].
+//! Ferrovisor's host daemon: its state store — VM definitions, desired and runtime state, and
+//! the event log, in SQLite ([`store`]) — and its HTTP/JSON API on a Unix socket ([`api`]).
+//! Process supervision is built on top of [`Store`].
 #![deny(missing_docs)]
 
+pub mod api;
 pub mod error;
 pub mod store;
 

@@ -98,10 +98,11 @@ fn opt_size(
 }
 
 /// One `--disk`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DiskConfig {
     /// Raw image file or block device.
+    #[schema(value_type = String)]
     pub path: PathBuf,
     /// Guest cannot write.
     #[serde(default)]
@@ -197,7 +198,7 @@ impl fmt::Display for MacAddr {
 }
 
 /// One `--net`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NetConfig {
     /// TAP device name; created (and brought up) if missing.
@@ -242,13 +243,14 @@ impl FromStr for NetConfig {
 }
 
 /// `--vsock`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VsockConfig {
     /// The guest's context ID (3 or more).
     pub cid: u64,
     /// Host Unix socket (Firecracker's hybrid vsock: `CONNECT <port>` on it reaches the guest;
     /// guest connections to port P reach `<socket>_P`).
+    #[schema(value_type = String)]
     pub socket: PathBuf,
 }
 
@@ -277,7 +279,7 @@ impl FromStr for VsockConfig {
 }
 
 /// `--balloon`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BalloonConfig {
     /// Initial balloon size (memory taken from the guest at start).

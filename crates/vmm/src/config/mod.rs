@@ -3,6 +3,7 @@
 //! before any KVM call.
 
 mod devices;
+mod schema;
 
 pub use devices::{BalloonConfig, DiskConfig, MacAddr, NetConfig, VsockConfig};
 
@@ -252,14 +253,16 @@ fn default_memory() -> ByteSize {
 }
 
 /// Everything needed to build one VM.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VmConfig {
     /// Linux kernel: a bzImage or an ELF vmlinux (PVH entry).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
     pub kernel: Option<PathBuf>,
     /// Initial ramdisk.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
     pub initrd: Option<PathBuf>,
     /// Extra kernel command line, after what the VMM adds.
     #[serde(default, skip_serializing_if = "String::is_empty")]
@@ -267,6 +270,7 @@ pub struct VmConfig {
     /// A raw firmware image mapped at the top of the first 4 GiB; the vCPU starts at the reset
     /// vector (instead of a kernel).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
     pub firmware: Option<PathBuf>,
     /// Number of vCPUs.
     #[serde(default = "default_cpus")]

@@ -1,0 +1,263 @@
+//! Ferrovisor's public HTTP API: the request and response bodies of the daemon's `/v1/...`
+//! routes (serde), with their OpenAPI schemas (`utoipa`). The daemon serves these types and
+//! generates its OpenAPI document (`GET /openapi.json`) from them and from its handlers; a
+//! client only needs this crate.
+//!
+//! The VM configuration is [`vmm::VmConfig`], the same type `ferrovisor run --config FILE`
+//! reads: one type, one validation.
+#![deny(missing_docs)]
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::ToSchema;
+
+pub use vmm::VmConfig;
+
+/// The API version prefix of every route but `/openapi.json`.
+pub const API_PREFIX: &str = "/v1";
+
+/// What the daemon does when a VM's VMM ends without being asked to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// Leave it down.
+    #[default]
+    Never,
+    /// Restart it when it crashed (not when the guest powered off).
+    OnFailure,
+    /// Restart it whenever it ends.
+    Always,
+}
+
+/// What the user wants a VM to be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum DesiredState {
+    /// Running (started, and restarted according to its restart policy).
+    Running,
+    /// Stopped.
+    Stopped,
+}
+
+/// Where a VM's VMM process is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum VmState {
+    /// Defined, never started.
+    Created,
+    /// Its VMM is being spawned.
+    Starting,
+    /// Its VMM runs the guest.
+    Running,
+    /// Its VMM runs, vCPUs parked.
+    Paused,
+    /// A stop was asked; the VMM has not ended yet.
+    Stopping,
+    /// Ended because it was asked to.
+    Stopped,
+    /// Ended abnormally (VMM died, guest panic, fault).
+    Crashed,
+    /// Ended by itself without error (guest power-off).
+    Exited,
+}
+
+/// What an [`Event`] records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum EventKind {
+    /// A VM was defined.
+    Created,
+    /// Its VMM was started.
+    Started,
+    /// It was paused.
+    Paused,
+    /// It was resumed.
+    Resumed,
+    /// It stopped when asked to.
+    Stopped,
+    /// It crashed.
+    Crashed,
+    /// It ended by itself.
+    Exited,
+    /// A restart was scheduled.
+    Restarted,
+    /// It was deleted.
+    Deleted,
+    /// A restarted daemon re-adopted its running VMM.
+    Adopted,
+}
+
+/// `POST /v1/vms`: define a VM. Unknown fields are refused.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVm {
+    /// Unique name: 1–63 characters of `A-Z a-z 0-9 . _ -`, not starting with `-` or `.`, and
+    /// not 32 hex digits (the shape of an id).
+    #[schema(example = "web-1")]
+    pub name: String,
+    /// The VM's configuration (the same as `ferrovisor run --config FILE`).
+    pub config: VmConfig,
+    /// What to do when its VMM ends by itself.
+    #[serde(default)]
+    pub restart_policy: RestartPolicy,
+    /// Start it once defined (desired state `running`); default false.
+    #[serde(default)]
+    pub start: bool,
+}
+
+/// A VM as the API shows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct VmInfo {
+    /// Stable id: 32 lowercase hex digits.
+    #[schema(example = "3f2a9c0d5e6b7a8190a1b2c3d4e5f607")]
+    pub id: String,
+    /// Unique name.
+    pub name: String,
+    /// Where its VMM is.
+    pub state: VmState,
+    /// What the user wants.
+    pub desired_state: DesiredState,
+    /// What happens when it ends by itself.
+    pub restart_policy: RestartPolicy,
+    /// Its configuration.
+    pub config: VmConfig,
+    /// The VMM's pid while it lives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// Milliseconds since it started, while its VMM lives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uptime_ms: Option<u64>,
+    /// When it last started (Unix milliseconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<i64>,
+    /// Restarts by the restart policy since the count was last reset.
+    pub restart_count: u32,
+    /// Why it last ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_exit_reason: Option<String>,
+    /// Its last exit status, when it had one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_exit_code: Option<i32>,
+    /// When it was defined (Unix milliseconds).
+    pub created_at: i64,
+}
+
+/// Every error the API returns (4xx and 5xx), as JSON.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ApiError {
+    /// A human-readable message: what was refused and why.
+    #[schema(example = "invalid config.cpus: a VM needs at least one vCPU")]
+    pub error: String,
+    /// The input at fault, as a path into the request (`name`, `config.cpus`,
+    /// `config.disks[0].path`), or `vm` (the VM named in the URL), `state` (the VM's state
+    /// does not allow the action), `body` (the request body as a whole), a query parameter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = "config.cpus")]
+    pub field: Option<String>,
+    /// What is wrong with it.
+    #[schema(example = "a VM needs at least one vCPU")]
+    pub reason: String,
+    /// A stable machine-readable code: `malformed_json`, `invalid_request`, `invalid_value`,
+    /// `name_taken`, `not_found`, `conflict`, `no_route`, `method_not_allowed`,
+    /// `body_too_large`, `internal`.
+    #[schema(example = "invalid_value")]
+    pub code: String,
+}
+
+/// How KVM is provided on the host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum KvmFlavour {
+    /// Hardware virtualization (VT-x through `kvm_intel`, AMD-V through `kvm_amd`).
+    Hardware,
+    /// PVM (`kvm_pvm`): runs PVM-aware guest kernels only.
+    Pvm,
+    /// Not identified.
+    Unknown,
+}
+
+/// What the VMs that may have a VMM (starting, running, paused, stopping) take.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Capacity {
+    /// How many such VMs.
+    pub vms: u32,
+    /// Their vCPUs.
+    pub cpus: u64,
+    /// Their guest memory, bytes.
+    pub memory_bytes: u64,
+}
+
+/// `GET /v1/host`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HostInfo {
+    /// The KVM flavour.
+    pub kvm_flavour: KvmFlavour,
+    /// The KVM module found in /sys/module (`kvm_intel`, `kvm_amd`, `kvm_pvm`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kvm_module: Option<String>,
+    /// The KVM device the daemon uses.
+    pub kvm_path: String,
+    /// Whether that device opens and has the API version and capabilities we need.
+    pub kvm_usable: bool,
+    /// Why it is not usable, with how to fix it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kvm_error: Option<String>,
+    /// KVM's vCPU limit per VM (capped at what the guest interface supports).
+    pub max_vcpus: u32,
+    /// The host's online CPUs.
+    pub cpus: u32,
+    /// The host's RAM, bytes.
+    pub memory_bytes: u64,
+    /// How many VMs are defined.
+    pub vms: u32,
+    /// What the VMs that may be running take.
+    pub in_use: Capacity,
+}
+
+/// One entry of the daemon's event log.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Event {
+    /// Strictly increasing id; pass the last one seen as `after`.
+    pub id: i64,
+    /// When it was recorded (Unix milliseconds).
+    pub at: i64,
+    /// The VM it is about (it may since have been deleted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_id: Option<String>,
+    /// What happened.
+    pub kind: EventKind,
+    /// Details (a JSON object); their keys depend on the kind.
+    #[schema(value_type = Object)]
+    pub detail: Value,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_vm_defaults_and_unknown_fields() {
+        let c: CreateVm =
+            serde_json::from_str(r#"{"name":"a","config":{"kernel":"/k"}}"#).expect("parses");
+        assert_eq!(c.restart_policy, RestartPolicy::Never);
+        assert!(!c.start);
+        assert_eq!(c.config.cpus, 1);
+        let e = serde_json::from_str::<CreateVm>(r#"{"name":"a","config":{},"x":1}"#)
+            .expect_err("unknown field");
+        assert!(e.to_string().contains("unknown field `x`"), "{e}");
+        let p: RestartPolicy = serde_json::from_str(r#""on-failure""#).expect("parses");
+        assert_eq!(p, RestartPolicy::OnFailure);
+    }
+
+    #[test]
+    fn optional_fields_are_left_out() {
+        let e = ApiError {
+            error: "x".into(),
+            field: None,
+            reason: "y".into(),
+            code: "z".into(),
+        };
+        let v = serde_json::to_value(&e).expect("serialises");
+        assert!(v.get("field").is_none());
+    }
+}

@@ -1,0 +1,233 @@
+//! The daemon's HTTP/JSON API on its Unix socket: axum routes over the [`Store`], with the
+//! OpenAPI document generated from the same handlers (`utoipa`; every route is registered
+//! through `utoipa_axum::routes!`, so a route without its documentation does not compile).
+//!
+//! # Routes
+//!
+//! `POST /v1/vms`, `GET /v1/vms`, `GET /v1/vms/{vm}`, `DELETE /v1/vms/{vm}?force=`,
+//! `GET /v1/events?after=&limit=`, `GET /v1/events/stream?after=` (server-sent events),
+//! `GET /v1/host`, `GET /openapi.json`. `{vm}` is an id or a name. Every error is an
+//! [`api::ApiError`] (unknown routes 404, wrong methods 405 included).
+//!
+//! # Threads and serialisation
+//!
+//! Store operations are synchronous (SQLite): each runs in `tokio::task::spawn_blocking`, so
+//! the async workers never block on the database. Every store operation is one transaction, so
+//! reads (list, get, events) need nothing more. Operations that act on one VM take that VM's
+//! lock first ([`AppState::lock_vm`]: a map from VM id to a `tokio::sync::Mutex`, entries
+//! dropped when no one holds or waits for them), so concurrent requests on the same VM run one
+//! after the other in arrival order (tokio's mutex is fair) while other VMs proceed; creates
+//! lock the requested name. Process start/stop (not here yet) will take the same lock.
+//!
+//! # Event stream
+//!
+//! `GET /v1/events/stream` polls the store's event log every 200 ms, and is woken at once by
+//! the API's own writes ([`AppState::notify_changed`]). Polling is what makes events written by
+//! anything else (the supervisor, another process) reach the stream without that writer
+//! knowing about the API.
+
+mod events;
+mod failure;
+mod host;
+mod input;
+mod socket;
+mod vms;
+
+pub use failure::Failure;
+pub use socket::bind_socket;
+
+use crate::error::StoreError;
+use crate::store::Store;
+use axum::http::{Method, StatusCode, Uri};
+use axum::response::IntoResponse;
+use axum::Router;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use tokio::sync::{Notify, OwnedMutexGuard};
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+/// What the API needs to know about the host daemon.
+#[derive(Clone, Debug)]
+pub struct ApiConfig {
+    /// The daemon's state directory.
+    pub state_dir: PathBuf,
+    /// The KVM device (`/dev/kvm`): configs are validated against its limits.
+    pub kvm_path: PathBuf,
+}
+
+/// The API's shared state: the store, the config, the per-VM locks, the change notifier.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Arc<Store>,
+    config: ApiConfig,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    changed: Notify,
+    openapi: OnceLock<String>,
+}
+
+impl AppState {
+    /// State over `store`.
+    pub fn new(store: Arc<Store>, config: ApiConfig) -> AppState {
+        AppState {
+            inner: Arc::new(Inner {
+                store,
+                config,
+                locks: Mutex::new(HashMap::new()),
+                changed: Notify::new(),
+                openapi: OnceLock::new(),
+            }),
+        }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.inner.store
+    }
+
+    /// The config.
+    pub fn config(&self) -> &ApiConfig {
+        &self.inner.config
+    }
+
+    /// Wakes the event streams: call after writing to the store.
+    pub fn notify_changed(&self) {
+        self.inner.changed.notify_waiters();
+    }
+
+    /// Takes the lock of one VM (by its id; `name:NAME` for a VM being created). Held for the
+    /// whole of an operation on that VM, so operations on one VM never interleave.
+    pub async fn lock_vm(&self, key: &str) -> OwnedMutexGuard<()> {
+        let m = {
+            let mut map = self
+                .inner
+                .locks
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            // Drop the entries no one holds or waits for (only the map refers to them).
+            map.retain(|_, m| Arc::strong_count(m) > 1);
+            Arc::clone(map.entry(key.to_string()).or_default())
+        };
+        m.lock_owned().await
+    }
+
+    /// Runs a store operation on the blocking pool.
+    pub(crate) async fn blocking<T, F>(&self, f: F) -> Result<T, Failure>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+    {
+        let store = Arc::clone(&self.inner.store);
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .map_err(|e| Failure::internal(format!("store operation failed: {e}")))?
+            .map_err(Failure::from)
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Ferrovisor API",
+        version = "1",
+        description = "The host daemon's HTTP/JSON API, served on its Unix socket \
+                       (/run/ferrovisor/api.sock). Every error is an ApiError."
+    ),
+    components(schemas(api::ApiError)),
+    tags(
+        (name = "vms", description = "VM definitions and lifecycle"),
+        (name = "events", description = "The event log"),
+        (name = "host", description = "The host"),
+    )
+)]
+struct ApiDoc;
+
+fn parts() -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(vms::list_vms, vms::create_vm))
+        .routes(routes!(vms::get_vm, vms::delete_vm))
+        .routes(routes!(events::list_events))
+        .routes(routes!(events::event_stream))
+        .routes(routes!(host::host_info))
+        .routes(routes!(openapi_json))
+        .split_for_parts()
+}
+
+/// The OpenAPI document, generated from the handlers.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    parts().1
+}
+
+/// The router over `state`.
+pub fn router(state: AppState) -> Router {
+    let (router, doc) = parts();
+    let json = doc
+        .to_pretty_json()
+        .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
+    let _ = state.inner.openapi.set(json);
+    router
+        .fallback(no_route)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+/// Serves the API on `listener` until the listener fails.
+pub async fn serve(listener: tokio::net::UnixListener, state: AppState) -> std::io::Result<()> {
+    axum::serve(listener, router(state)).await
+}
+
+/// Serves the API on `listener` until `shutdown` completes, then finishes the requests in
+/// flight.
+pub async fn serve_with_shutdown<F>(
+    listener: tokio::net::UnixListener,
+    state: AppState,
+    shutdown: F,
+) -> std::io::Result<()>
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// The OpenAPI document of this API.
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    tag = "host",
+    responses((status = 200, description = "The OpenAPI document (JSON)", content_type = "application/json"))
+)]
+async fn openapi_json(
+    axum::extract::State(st): axum::extract::State<AppState>,
+) -> impl IntoResponse {
+    let body = st.inner.openapi.get().cloned().unwrap_or_default();
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+}
+
+async fn no_route(method: Method, uri: Uri) -> Failure {
+    Failure::new(
+        StatusCode::NOT_FOUND,
+        "no_route",
+        None,
+        format!("no route {method} {}", uri.path()),
+    )
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> Failure {
+    Failure::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        None,
+        format!("{} does not accept {method}", uri.path()),
+    )
+}

@@ -1,0 +1,189 @@
+//! `/v1/vms`: define, list, look up and delete VMs.
+
+use super::failure::Failure;
+use super::input::{json_body, query_bool, query_pairs};
+use super::AppState;
+use crate::store::{self, now_millis, validate_name, VmRecord};
+use api::{ApiError, CreateVm, VmInfo};
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::StatusCode;
+use axum::Json;
+
+/// Define a VM. The config is checked against the host (vCPUs, memory, files) before anything
+/// is stored; a refused request changes nothing.
+#[utoipa::path(
+    post,
+    path = "/v1/vms",
+    tag = "vms",
+    request_body = CreateVm,
+    responses(
+        (status = 201, description = "Defined", body = VmInfo),
+        (status = 400, description = "Malformed JSON, unknown field, wrong type", body = ApiError),
+        (status = 409, description = "The name is taken", body = ApiError),
+        (status = 413, description = "Body too large", body = ApiError),
+        (status = 422, description = "A value the host cannot accept", body = ApiError),
+        (status = 500, description = "The daemon failed", body = ApiError),
+    )
+)]
+pub async fn create_vm(
+    State(st): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<VmInfo>), Failure> {
+    let req: CreateVm = json_body(body)?;
+    validate_name(&req.name)?;
+    let kvm_path = st.config().kvm_path.clone();
+    let config = req.config.clone();
+    // Validation reads files (kernel, images) and probes /dev/kvm: off the async workers.
+    tokio::task::spawn_blocking(move || {
+        let limits = vmm::vm::probe_host_limits(&kvm_path);
+        config
+            .validate(&limits)
+            .map(|_| ())
+            .map_err(|e| Failure::config(&config, &e))
+    })
+    .await
+    .map_err(|e| Failure::internal(format!("validation failed: {e}")))??;
+
+    let _guard = st.lock_vm(&format!("name:{}", req.name)).await;
+    let policy = restart_policy(req.restart_policy);
+    let desired = if req.start {
+        store::DesiredState::Running
+    } else {
+        store::DesiredState::Stopped
+    };
+    let rec = st
+        .blocking(move |s| s.create(&req.name, &req.config, policy, desired))
+        .await?;
+    st.notify_changed();
+    Ok((StatusCode::CREATED, Json(vm_info(&rec))))
+}
+
+/// Every VM, in creation order.
+#[utoipa::path(
+    get,
+    path = "/v1/vms",
+    tag = "vms",
+    responses(
+        (status = 200, description = "The VMs", body = Vec<VmInfo>),
+        (status = 500, description = "The daemon failed", body = ApiError),
+    )
+)]
+pub async fn list_vms(State(st): State<AppState>) -> Result<Json<Vec<VmInfo>>, Failure> {
+    let recs = st.blocking(|s| s.list()).await?;
+    Ok(Json(recs.iter().map(vm_info).collect()))
+}
+
+/// One VM: state, config, pid, uptime.
+#[utoipa::path(
+    get,
+    path = "/v1/vms/{vm}",
+    tag = "vms",
+    params(("vm" = String, Path, description = "The VM's id or name")),
+    responses(
+        (status = 200, description = "The VM", body = VmInfo),
+        (status = 404, description = "No such VM", body = ApiError),
+        (status = 500, description = "The daemon failed", body = ApiError),
+    )
+)]
+pub async fn get_vm(
+    State(st): State<AppState>,
+    Path(vm): Path<String>,
+) -> Result<Json<VmInfo>, Failure> {
+    let rec = st.blocking(move |s| s.get(&vm)).await?;
+    Ok(Json(vm_info(&rec)))
+}
+
+/// Delete a VM. Refused (409) while its VMM may be running (starting, running, paused,
+/// stopping) unless `force=true`. Returns the VM as it was.
+#[utoipa::path(
+    delete,
+    path = "/v1/vms/{vm}",
+    tag = "vms",
+    params(
+        ("vm" = String, Path, description = "The VM's id or name"),
+        ("force" = Option<bool>, Query, description = "Delete even while its VMM may run"),
+    ),
+    responses(
+        (status = 200, description = "Deleted; the VM as it was", body = VmInfo),
+        (status = 400, description = "Bad query parameter", body = ApiError),
+        (status = 404, description = "No such VM", body = ApiError),
+        (status = 409, description = "Its state does not allow it", body = ApiError),
+        (status = 500, description = "The daemon failed", body = ApiError),
+    )
+)]
+pub async fn delete_vm(
+    State(st): State<AppState>,
+    Path(vm): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<VmInfo>, Failure> {
+    let mut force = false;
+    for (k, v) in query_pairs(query.as_deref(), &["force"])? {
+        if k == "force" {
+            force = query_bool(k, v)?;
+        }
+    }
+    let id = st.blocking(move |s| s.get(&vm)).await?.id;
+    let _guard = st.lock_vm(id.as_str()).await;
+    let rec = st.blocking(move |s| s.delete(id.as_str(), force)).await?;
+    st.notify_changed();
+    Ok(Json(vm_info(&rec)))
+}
+
+fn restart_policy(p: api::RestartPolicy) -> store::RestartPolicy {
+    match p {
+        api::RestartPolicy::Never => store::RestartPolicy::Never,
+        api::RestartPolicy::OnFailure => store::RestartPolicy::OnFailure,
+        api::RestartPolicy::Always => store::RestartPolicy::Always,
+    }
+}
+
+fn api_restart_policy(p: store::RestartPolicy) -> api::RestartPolicy {
+    match p {
+        store::RestartPolicy::Never => api::RestartPolicy::Never,
+        store::RestartPolicy::OnFailure => api::RestartPolicy::OnFailure,
+        store::RestartPolicy::Always => api::RestartPolicy::Always,
+    }
+}
+
+fn api_state(s: store::VmState) -> api::VmState {
+    use store::VmState as S;
+    match s {
+        S::Created => api::VmState::Created,
+        S::Starting => api::VmState::Starting,
+        S::Running => api::VmState::Running,
+        S::Paused => api::VmState::Paused,
+        S::Stopping => api::VmState::Stopping,
+        S::Stopped => api::VmState::Stopped,
+        S::Crashed => api::VmState::Crashed,
+        S::Exited => api::VmState::Exited,
+    }
+}
+
+/// The API's view of a stored VM.
+pub fn vm_info(rec: &VmRecord) -> VmInfo {
+    let rt = &rec.runtime;
+    let live = rt.state.is_live();
+    VmInfo {
+        id: rec.id.to_string(),
+        name: rec.name.clone(),
+        state: api_state(rt.state),
+        desired_state: match rec.desired_state {
+            store::DesiredState::Running => api::DesiredState::Running,
+            store::DesiredState::Stopped => api::DesiredState::Stopped,
+        },
+        restart_policy: api_restart_policy(rec.restart_policy),
+        config: rec.config.clone(),
+        pid: rt.pid.filter(|_| live),
+        uptime_ms: rt
+            .started_at
+            .filter(|_| live)
+            .map(|t| u64::try_from(now_millis().saturating_sub(t)).unwrap_or(0)),
+        started_at: rt.started_at,
+        restart_count: rt.restart_count,
+        last_exit_reason: rt.last_exit_reason.clone(),
+        last_exit_code: rt.last_exit_code,
+        created_at: rec.created_at,
+    }
+}

@@ -1,0 +1,319 @@
+//! The API's VM routes: the happy path, and every kind of bad input refused with the field
+//! named and nothing changed.
+
+mod http;
+
+use http::{assert_error, Server};
+use serde_json::{json, Value};
+
+#[test]
+fn create_list_get_delete() {
+    let srv = Server::start("happy");
+    let r = srv.post("/v1/vms", &srv.create_body("web-1"));
+    assert_eq!(r.status, 201, "{}", r.text());
+    let vm = r.json();
+    let id = vm["id"].as_str().expect("id").to_string();
+    assert_eq!(id.len(), 32);
+    assert_eq!(vm["name"], "web-1");
+    assert_eq!(vm["state"], "created");
+    assert_eq!(vm["desired_state"], "stopped");
+    assert_eq!(vm["restart_policy"], "never");
+    assert_eq!(vm["config"]["cpus"], 2);
+    assert_eq!(vm["config"]["memory"], "64M");
+    assert_eq!(vm["restart_count"], 0);
+    assert!(vm.get("pid").is_none() && vm.get("uptime_ms").is_none());
+
+    let body = json!({
+        "name": "db",
+        "config": { "kernel": srv.kernel, "memory": 134217728, "serial": "null" },
+        "restart_policy": "on-failure",
+        "start": true
+    });
+    let r = srv.post("/v1/vms", &body.to_string());
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(r.json()["restart_policy"], "on-failure");
+    assert_eq!(r.json()["desired_state"], "running");
+    assert_eq!(r.json()["config"]["memory"], "128M");
+
+    let list = srv.get("/v1/vms").json();
+    let names: Vec<&str> = list
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|v| v["name"].as_str())
+        .collect();
+    assert_eq!(names, ["web-1", "db"]);
+
+    assert_eq!(srv.get("/v1/vms/web-1").json(), vm);
+    assert_eq!(srv.get(&format!("/v1/vms/{id}")).json(), vm);
+
+    let events = srv.get("/v1/events").json();
+    let kinds: Vec<&str> = events
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|e| e["kind"].as_str())
+        .collect();
+    assert_eq!(kinds, ["created", "created"]);
+    assert_eq!(events[0]["vm_id"], id.as_str());
+
+    let r = srv.delete(&format!("/v1/vms/{id}"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["name"], "web-1");
+    assert_error(&srv.get("/v1/vms/web-1"), 404, Some("vm"));
+    assert_error(&srv.delete("/v1/vms/web-1"), 404, Some("vm"));
+    let r = srv.delete("/v1/vms/db?force=false");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(srv.get("/v1/vms").json(), json!([]));
+    let events = srv.get("/v1/events?after=2&limit=10").json();
+    assert_eq!(events.as_array().map(Vec::len), Some(2));
+    assert_eq!(events[0]["kind"], "deleted");
+}
+
+#[test]
+fn bad_input_is_refused_with_the_field_named_and_nothing_changed() {
+    let srv = Server::start("bad");
+    let r = srv.post("/v1/vms", &srv.create_body("taken"));
+    assert_eq!(r.status, 201, "{}", r.text());
+    let before = srv.snapshot();
+
+    let k = srv.kernel.display().to_string();
+    let cfg = |extra: Value| {
+        let mut c = json!({ "kernel": k, "serial": "null" });
+        if let (Some(c), Some(e)) = (c.as_object_mut(), extra.as_object()) {
+            c.extend(e.clone());
+        }
+        c
+    };
+    let create = |name: &str, config: Value| json!({ "name": name, "config": config }).to_string();
+    let missing_disk = srv.dir.join("no-such.img");
+    let cases: Vec<(&str, String, u16, &str, &str)> = vec![
+        (
+            "truncated JSON",
+            r#"{"name":"a","config":"#.into(),
+            400,
+            "body",
+            "malformed_json",
+        ),
+        ("not JSON", "name=a".into(), 400, "body", "malformed_json"),
+        ("empty body", "".into(), 400, "body", "malformed_json"),
+        (
+            "trailing data",
+            format!("{} x", create("a", cfg(json!({})))),
+            400,
+            "body",
+            "malformed_json",
+        ),
+        ("not an object", "[]".into(), 400, "body", "invalid_request"),
+        (
+            "unknown top-level field",
+            json!({ "name": "a", "config": cfg(json!({})), "colour": "red" }).to_string(),
+            400,
+            "colour",
+            "invalid_request",
+        ),
+        (
+            "unknown config field",
+            create("a", cfg(json!({ "cpu": 2 }))),
+            400,
+            "config.cpu",
+            "invalid_request",
+        ),
+        (
+            "unknown disk field",
+            create("a", cfg(json!({ "disks": [{ "path": "/x", "speed": 1 }] }))),
+            400,
+            "config.disks[0].speed",
+            "invalid_request",
+        ),
+        (
+            "wrong type",
+            create("a", cfg(json!({ "cpus": "two" }))),
+            400,
+            "config.cpus",
+            "invalid_request",
+        ),
+        (
+            "negative cpus",
+            create("a", cfg(json!({ "cpus": -1 }))),
+            400,
+            "config.cpus",
+            "invalid_request",
+        ),
+        (
+            "bad size",
+            create("a", cfg(json!({ "memory": "lots" }))),
+            400,
+            "config.memory",
+            "invalid_request",
+        ),
+        (
+            "name not a string",
+            json!({ "name": 7, "config": cfg(json!({})) }).to_string(),
+            400,
+            "name",
+            "invalid_request",
+        ),
+        (
+            "missing name",
+            json!({ "config": cfg(json!({})) }).to_string(),
+            400,
+            "name",
+            "invalid_request",
+        ),
+        (
+            "missing config",
+            json!({ "name": "a" }).to_string(),
+            400,
+            "config",
+            "invalid_request",
+        ),
+        (
+            "bad restart policy",
+            json!({ "name": "a", "config": cfg(json!({})), "restart_policy": "sometimes" })
+                .to_string(),
+            400,
+            "restart_policy",
+            "invalid_request",
+        ),
+        (
+            "0 vCPUs",
+            create("a", cfg(json!({ "cpus": 0 }))),
+            422,
+            "config.cpus",
+            "invalid_value",
+        ),
+        (
+            "too many vCPUs",
+            create("a", cfg(json!({ "cpus": 100000 }))),
+            422,
+            "config.cpus",
+            "invalid_value",
+        ),
+        (
+            "memory beyond the host",
+            create("a", cfg(json!({ "memory": "64T" }))),
+            422,
+            "config.memory",
+            "invalid_value",
+        ),
+        (
+            "memory too small",
+            create("a", cfg(json!({ "memory": "1M" }))),
+            422,
+            "config.memory",
+            "invalid_value",
+        ),
+        (
+            "missing kernel file",
+            create(
+                "a",
+                cfg(json!({ "kernel": srv.dir.join("no-such-kernel") })),
+            ),
+            422,
+            "config.kernel",
+            "invalid_value",
+        ),
+        (
+            "nothing to boot",
+            create("a", json!({ "cpus": 1 })),
+            422,
+            "config.kernel",
+            "invalid_value",
+        ),
+        (
+            "missing disk image",
+            create("a", cfg(json!({ "disks": [{ "path": missing_disk }] }))),
+            422,
+            "config.disks[0].path",
+            "invalid_value",
+        ),
+        (
+            "duplicate name",
+            srv.create_body("taken"),
+            409,
+            "name",
+            "name_taken",
+        ),
+        (
+            "invalid name",
+            srv.create_body("bad name"),
+            422,
+            "name",
+            "invalid_value",
+        ),
+        (
+            "empty name",
+            srv.create_body(""),
+            422,
+            "name",
+            "invalid_value",
+        ),
+        (
+            "id-shaped name",
+            srv.create_body("0123456789abcdef0123456789abcdef"),
+            422,
+            "name",
+            "invalid_value",
+        ),
+    ];
+    for (what, body, status, field, code) in cases {
+        let r = srv.post("/v1/vms", &body);
+        assert_eq!(r.status, status, "{what}: {}", r.text());
+        let v = assert_error(&r, status, Some(field));
+        assert_eq!(v["code"], code, "{what}: {v}");
+        assert_eq!(srv.snapshot(), before, "{what} changed the store");
+    }
+}
+
+#[test]
+fn delete_and_query_errors() {
+    let srv = Server::start("del");
+    assert_error(&srv.delete("/v1/vms/nope"), 404, Some("vm"));
+    assert_error(&srv.get("/v1/vms/nope"), 404, Some("vm"));
+    assert_eq!(srv.post("/v1/vms", &srv.create_body("a")).status, 201);
+    let before = srv.snapshot();
+    assert_error(&srv.delete("/v1/vms/a?force=maybe"), 400, Some("force"));
+    assert_error(&srv.delete("/v1/vms/a?forse=true"), 400, Some("forse"));
+    assert_error(&srv.get("/v1/events?limit=0"), 400, Some("limit"));
+    assert_error(&srv.get("/v1/events?after=x"), 400, Some("after"));
+    assert_eq!(srv.snapshot(), before);
+}
+
+#[test]
+fn unknown_routes_and_methods_answer_json() {
+    let srv = Server::start("routes");
+    let v = assert_error(&srv.get("/v1/nothing"), 404, None);
+    assert_eq!(v["code"], "no_route");
+    let v = assert_error(&srv.get("/v2/vms"), 404, None);
+    assert_eq!(v["code"], "no_route");
+    let v = assert_error(&srv.delete("/v1/vms"), 405, None);
+    assert_eq!(v["code"], "method_not_allowed");
+    let v = assert_error(&srv.post("/v1/host", "{}"), 405, None);
+    assert_eq!(v["code"], "method_not_allowed");
+}
+
+#[test]
+fn host_reports_flavour_and_capacity() {
+    let srv = Server::start("host");
+    assert_eq!(srv.post("/v1/vms", &srv.create_body("a")).status, 201);
+    let r = srv.get("/v1/host");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let h = r.json();
+    assert!(
+        ["hardware", "pvm", "unknown"].contains(&h["kvm_flavour"].as_str().unwrap_or("")),
+        "{h}"
+    );
+    assert!(h["cpus"].as_u64().unwrap_or(0) >= 1, "{h}");
+    assert!(h["memory_bytes"].as_u64().unwrap_or(0) > 0, "{h}");
+    assert_eq!(h["vms"], 1);
+    // A defined VM that never started takes nothing.
+    assert_eq!(
+        h["in_use"],
+        json!({ "vms": 0, "cpus": 0, "memory_bytes": 0 })
+    );
+    assert_eq!(
+        h["kvm_usable"].as_bool(),
+        Some(h.get("kvm_error").is_none())
+    );
+}
