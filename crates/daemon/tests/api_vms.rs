@@ -317,3 +317,41 @@ fn host_reports_flavour_and_capacity() {
         Some(h.get("kvm_error").is_none())
     );
 }
+
+#[test]
+fn metrics_in_prometheus_text_format() {
+    let srv = Server::start("metrics");
+    assert_eq!(srv.post("/v1/vms", &srv.create_body("m1")).status, 201);
+    let r = srv.get("/metrics");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        r.header("content-type")
+            .is_some_and(|t| t.starts_with("text/plain; version=0.0.4")),
+        "{:?}",
+        r.headers
+    );
+    let text = r.text();
+    let mut families = std::collections::HashSet::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut it = rest.split(' ');
+            families.insert(it.next().unwrap_or("").to_string());
+            assert!(matches!(it.next(), Some("gauge" | "counter")), "{line}");
+            continue;
+        }
+        if line.starts_with("# HELP ") {
+            continue;
+        }
+        // name{labels} value
+        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("{line}"));
+        assert!(value.parse::<f64>().is_ok(), "{line}");
+        let name = series.split('{').next().unwrap_or("");
+        assert!(families.contains(name), "{line}: no TYPE before it");
+    }
+    assert!(
+        text.contains("ferrovisor_vms{state=\"created\"} 1"),
+        "{text}"
+    );
+    assert!(text.contains("ferrovisor_vm_up{vm=\"m1\""), "{text}");
+    assert!(text.contains("ferrovisor_events_total 1"), "{text}");
+}

@@ -6,8 +6,9 @@
 //!
 //! `POST /v1/vms`, `GET /v1/vms`, `GET /v1/vms/{vm}`, `DELETE /v1/vms/{vm}?force=`,
 //! `GET /v1/events?after=&limit=`, `GET /v1/events/stream?after=` (server-sent events),
-//! `GET /v1/host`, `GET /openapi.json`. `{vm}` is an id or a name. Every error is an
-//! [`api::ApiError`] (unknown routes 404, wrong methods 405 included).
+//! `GET /v1/host`, `GET /metrics` (Prometheus text format), `GET /openapi.json`. `{vm}` is an
+//! id or a name. Every error is an [`api::ApiError`] (unknown routes 404, wrong methods 405
+//! included).
 //!
 //! # Threads and serialisation
 //!
@@ -30,6 +31,7 @@ mod events;
 mod failure;
 mod host;
 mod input;
+mod metrics;
 mod socket;
 mod vms;
 
@@ -156,6 +158,7 @@ fn parts() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(events::event_stream))
         .routes(routes!(host::host_info))
         .routes(routes!(openapi_json))
+        .routes(routes!(metrics::metrics))
         .split_for_parts()
 }
 
