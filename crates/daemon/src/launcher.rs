@@ -346,6 +346,44 @@ mod tests {
         assert!(proc_start_time(u32::MAX).is_err());
     }
 
+    fn scratch(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("fv-launcher-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn a_missing_binary_and_a_silent_one_fail_the_launch() {
+        let dir = scratch("fail");
+        let mut spec = LaunchSpec::new(
+            dir.join("no-such-ferrovisor"),
+            dir.join("vm"),
+            VmConfig::default(),
+        );
+        let err = launch(&spec).unwrap_err();
+        assert!(matches!(err, LaunchError::Spawn { .. }), "{err:?}");
+        assert!(err.to_string().contains("no-such-ferrovisor"), "{err}");
+        let config = std::fs::read_to_string(dir.join("vm/config.json")).unwrap();
+        assert!(config.contains("\"cpus\""), "{config}");
+        let mode = std::fs::metadata(dir.join("vm"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700);
+
+        // A "VMM" that never opens its control socket: killed after the timeout.
+        let fake = dir.join("fake-vmm");
+        std::fs::write(&fake, "#!/bin/sh\necho starting up\nexec sleep 30\n").unwrap();
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        spec.binary = fake;
+        spec.ready_timeout = Duration::from_millis(300);
+        let err = launch(&spec).unwrap_err();
+        assert!(matches!(err, LaunchError::Timeout { .. }), "{err:?}");
+        assert!(err.to_string().contains("starting up"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn log_tail_reads_only_this_launch() {
         let dir = std::env::temp_dir().join(format!("fv-launcher-{}", std::process::id()));

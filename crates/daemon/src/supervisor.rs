@@ -183,7 +183,8 @@ fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
     // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1; no memory is passed.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
     if fd < 0 {
-        return Err(last_err("pidfd_open"));
+        // Unwrapped: the caller looks at the errno (ESRCH).
+        return Err(std::io::Error::last_os_error());
     }
     // SAFETY: the syscall returned a new fd that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
@@ -679,6 +680,58 @@ mod tests {
             restart_decision(RestartPolicy::Always, &crash, false, 7, long_ago),
             Some(BACKOFF_START)
         );
+    }
+
+    // The supervisor reaps it.
+    #[allow(clippy::zombie_processes)]
+    fn spawn(script: &str) -> (u32, u64) {
+        let child = std::process::Command::new("/bin/sh")
+            .args(["-c", script])
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        (pid, proc_start_time(pid).unwrap())
+    }
+
+    #[test]
+    fn own_children_exit_codes_signals_and_identity() {
+        let (sup, rx) = Supervisor::new().unwrap();
+        let none = PathBuf::from("/nonexistent/exit.json");
+        let wait = Duration::from_secs(30);
+
+        let (pid, start) = spawn("exec sleep 30");
+        let err = sup
+            .watch("a".into(), pid, start + 1, none.clone(), true)
+            .unwrap_err();
+        assert!(matches!(err, WatchError::NotSameProcess { .. }), "{err:?}");
+        sup.watch("a".into(), pid, start, none.clone(), true)
+            .unwrap();
+        // SAFETY: kill has no memory effects; `pid` is our live child.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        let n = rx.recv_timeout(wait).unwrap();
+        assert_eq!((n.vm_id.as_str(), n.pid), ("a", pid));
+        assert_eq!(n.status, ExitStatusKind::Signaled(libc::SIGKILL));
+        assert!(n.crashed);
+
+        for (code, crashed) in [(0, false), (1, true), (3, true)] {
+            let (pid, start) = spawn(&format!("sleep 0.2; exit {code}"));
+            sup.watch("b".into(), pid, start, none.clone(), true)
+                .unwrap();
+            let n = rx.recv_timeout(wait).unwrap();
+            assert_eq!(n.status, ExitStatusKind::Exited(code));
+            assert_eq!(n.crashed, crashed, "exit {code}");
+        }
+
+        // Already exited and reaped: reported at once, status unknown, no report: a crash.
+        let mut child = std::process::Command::new("/bin/true").spawn().unwrap();
+        let pid = child.id();
+        let start = proc_start_time(pid).unwrap();
+        child.wait().unwrap();
+        sup.watch("c".into(), pid, start, none, true).unwrap();
+        let n = rx.recv_timeout(wait).unwrap();
+        assert_eq!(n.status, ExitStatusKind::Unknown);
+        assert!(n.crashed);
+        assert_eq!(sup.watched(), 0);
     }
 
     #[test]
