@@ -1,10 +1,12 @@
-//! Ferrovisor's host daemon. For now: its state store — VM definitions, desired and runtime
-//! state, and the event log, in SQLite ([`store`]). Process supervision and the HTTP API are
-//! built on top of [`Store`].
+//! Ferrovisor's host daemon: VM registry and event log in SQLite ([`store`]), the one function
+//! that starts VMM processes ([`launcher`]) and their supervision ([`supervisor`]). The HTTP API
+//! is built on top of these.
 #![deny(missing_docs)]
 
 pub mod error;
+pub mod launcher;
 pub mod store;
+pub mod supervisor;
 
 pub use error::StoreError;
 pub use store::{
