@@ -8,6 +8,7 @@ use std::time::Instant;
 use vmm::config::{
     BalloonConfig, ByteSize, DiskConfig, NetConfig, SerialConfig, VmConfig, VsockConfig,
 };
+use vmm::exit_report::ExitReport;
 use vmm::kvm::{KvmFlavour, KVM_PATH, PVM_HINT};
 use vmm::vm::{ExitReason, Vm, EXIT_SETUP_ERROR};
 
@@ -130,6 +131,10 @@ struct RunArgs {
     /// A VmConfig JSON file; flags given on the command line override its fields.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Write why the VMM exited here, atomically, as it exits (JSON: reason, exit_code, at_ms,
+    /// pid): how a supervisor that is not this process's parent learns how it ended.
+    #[arg(long, value_name = "PATH")]
+    exit_report: Option<PathBuf>,
     /// KVM device.
     #[arg(long, env = "FERROVISOR_KVM", default_value = KVM_PATH)]
     kvm: PathBuf,
@@ -223,7 +228,7 @@ fn init_logging(level: &str, format: LogFormat) {
     }
 }
 
-fn run(args: &RunArgs, started: Instant) -> anyhow::Result<u8> {
+fn run(args: &RunArgs, started: Instant) -> anyhow::Result<ExitReason> {
     let config = args.to_config()?;
     let mut vm = Vm::build(&config, &args.kvm, started)?;
     if let Some(path) = &args.control {
@@ -247,7 +252,22 @@ fn run(args: &RunArgs, started: Instant) -> anyhow::Result<u8> {
             outcome.run_time.as_secs_f64()
         ),
     }
-    Ok(outcome.reason.exit_code() as u8)
+    Ok(outcome.reason)
+}
+
+/// Runs the VM and writes its exit report (`--exit-report`), whatever the outcome.
+fn run_and_report(args: &RunArgs, started: Instant) -> anyhow::Result<u8> {
+    let result = run(args, started);
+    if let Some(path) = &args.exit_report {
+        let report = match &result {
+            Ok(reason) => ExitReport::from_reason(reason),
+            Err(e) => ExitReport::error(format!("{e:#}")),
+        };
+        if let Err(e) = report.write(path) {
+            eprintln!("ferrovisor: exit report {}: {e}", path.display());
+        }
+    }
+    result.map(|reason| reason.exit_code() as u8)
 }
 
 fn ctl(socket: &std::path::Path, request: &CtlRequest) -> anyhow::Result<u8> {
@@ -318,7 +338,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log_level, cli.log_format);
     let result = match &cli.command {
-        Command::Run(args) => run(args, started),
+        Command::Run(args) => run_and_report(args, started),
         Command::Host { kvm, json } => host(kvm, *json),
         Command::Ctl { socket, request } => ctl(socket, request),
     };

@@ -1,11 +1,13 @@
-//! Ferrovisor's host daemon: its state store — VM definitions, desired and runtime state, and
-//! the event log, in SQLite ([`store`]) — and its HTTP/JSON API on a Unix socket ([`api`]).
-//! Process supervision is built on top of [`Store`].
+//! Ferrovisor's host daemon: VM registry and event log in SQLite ([`store`]), the one function
+//! that starts VMM processes ([`launcher`]) and their supervision ([`supervisor`]), and the
+//! HTTP/JSON API on a Unix socket ([`api`]).
 #![deny(missing_docs)]
 
 pub mod api;
 pub mod error;
+pub mod launcher;
 pub mod store;
+pub mod supervisor;
 
 pub use error::StoreError;
 pub use store::{

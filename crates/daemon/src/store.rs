@@ -442,11 +442,7 @@ pub fn proc_start_time(pid: u32) -> Option<u64> {
     if pid == 0 {
         return None;
     }
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Field 2 (comm) is in parentheses and may itself hold spaces and ')'.
-    let after_comm = &stat[stat.rfind(')')? + 1..];
-    // `after_comm` starts at field 3; field 22 is 19 further.
-    after_comm.split_whitespace().nth(19)?.parse().ok()
+    crate::launcher::proc_start_time(pid).ok()
 }
 
 /// Whether `pid` is still the process that had `start_time` (see [`proc_start_time`]).

@@ -6,6 +6,7 @@ pub mod config;
 pub mod console;
 pub mod control;
 pub mod cpu;
+pub mod exit_report;
 pub mod kvm;
 pub mod memory;
 pub mod terminal;

@@ -77,6 +77,13 @@ pub fn build_devices(config: &crate::VmConfig) -> Result<BuiltDevices, crate::Vm
         })
         .map_err(|e| dev_err(format!("--disk {}: {e}", d.path.display())))?;
         let id = d.id.clone().unwrap_or_else(|| format!("disk{i}"));
+        tracing::info!(
+            "disk {id} ({}): {} sectors, {:?} I/O{}",
+            d.path.display(),
+            dev.capacity(),
+            dev.engine_in_use(),
+            if d.readonly { ", read-only" } else { "" }
+        );
         push(&mut out, "block", id, Box::new(dev));
     }
     for (i, n) in config.nets.iter().enumerate() {

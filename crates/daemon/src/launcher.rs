@@ -1,0 +1,397 @@
+//! Starting VMM processes. [`launch`] is the one place a VMM process is started from (the
+//! confinement layer wraps it): it prepares the VM's run directory, starts `ferrovisor run` in a
+//! session of its own and waits until its control socket answers.
+//!
+//! The run directory (mode 0700) holds:
+//! - `config.json`: the VM's [`VmConfig`], written atomically;
+//! - `control.sock`: the VMM's control socket (`--control`);
+//! - `console.sock`: its serial console (`--serial socket=`);
+//! - `exit.json`: its exit report (`--exit-report`), removed before each launch so that a report
+//!   found there always belongs to the VMM running from this directory;
+//! - `vmm.log`: its stdout and stderr, appended.
+//!
+//! One directory serves one VMM at a time: [`launch`] refuses a directory whose control socket
+//! still answers.
+
+use std::fs::OpenOptions;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use vmm::VmConfig;
+
+/// How long [`launch`] waits for the control socket by default.
+pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How much of the end of `vmm.log` a [`LaunchError`] quotes.
+const LOG_TAIL: u64 = 4096;
+
+/// What to start.
+#[derive(Clone, Debug)]
+pub struct LaunchSpec {
+    /// The `ferrovisor` binary.
+    pub binary: PathBuf,
+    /// The VM's run directory; created (mode 0700) when missing.
+    pub vm_dir: PathBuf,
+    /// The VM. Its serial console is replaced by `vm_dir/console.sock`.
+    pub config: VmConfig,
+    /// How long to wait for the control socket to answer `status`.
+    pub ready_timeout: Duration,
+}
+
+impl LaunchSpec {
+    /// A spec with the default ready timeout.
+    pub fn new(binary: PathBuf, vm_dir: PathBuf, config: VmConfig) -> LaunchSpec {
+        LaunchSpec {
+            binary,
+            vm_dir,
+            config,
+            ready_timeout: DEFAULT_READY_TIMEOUT,
+        }
+    }
+}
+
+/// The files of one VM's run directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmPaths {
+    /// The run directory.
+    pub dir: PathBuf,
+    /// `config.json`.
+    pub config: PathBuf,
+    /// `control.sock`.
+    pub control: PathBuf,
+    /// `console.sock`.
+    pub console: PathBuf,
+    /// `exit.json`.
+    pub exit_report: PathBuf,
+    /// `vmm.log`.
+    pub log: PathBuf,
+}
+
+impl VmPaths {
+    /// The paths inside `dir`.
+    pub fn new(dir: &Path) -> VmPaths {
+        VmPaths {
+            dir: dir.to_path_buf(),
+            config: dir.join("config.json"),
+            control: dir.join("control.sock"),
+            console: dir.join("console.sock"),
+            exit_report: dir.join("exit.json"),
+            log: dir.join("vmm.log"),
+        }
+    }
+}
+
+/// A started VMM whose control socket answered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Launched {
+    /// Its pid.
+    pub pid: u32,
+    /// Its start time (`/proc/PID/stat` field 22, clock ticks after boot): with the pid, it
+    /// names this process and no later one that reuses the pid.
+    pub start_time: u64,
+    /// Its files.
+    pub paths: VmPaths,
+}
+
+/// Why a VMM could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    /// The run directory or one of its files could not be prepared.
+    #[error("VM directory {path}: {source}")]
+    Prepare {
+        /// The file or directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The config could not be turned into JSON.
+    #[error("VM config: {0}")]
+    Config(#[from] serde_json::Error),
+    /// A VMM still answers on this directory's control socket.
+    #[error("VM directory {0}: a VMM is still running there (its control socket answers)")]
+    AlreadyRunning(PathBuf),
+    /// The binary could not be started.
+    #[error("starting {binary}: {source}")]
+    Spawn {
+        /// The binary.
+        binary: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The VMM exited before its control socket answered.
+    #[error("the VMM exited during start-up ({status}): {log_tail}")]
+    Exited {
+        /// How it exited.
+        status: std::process::ExitStatus,
+        /// The end of what it wrote to `vmm.log` during this launch.
+        log_tail: String,
+    },
+    /// The control socket did not answer in time; the VMM was killed.
+    #[error("the VMM's control socket did not answer within {timeout:?}; it was killed. Its log: {log_tail}")]
+    Timeout {
+        /// How long we waited.
+        timeout: Duration,
+        /// The end of what it wrote to `vmm.log` during this launch.
+        log_tail: String,
+    },
+}
+
+fn prep(path: &Path) -> impl FnOnce(std::io::Error) -> LaunchError + '_ {
+    move |source| LaunchError::Prepare {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Whether the control socket at `path` answers `status` with `"ok": true`.
+pub fn control_answers(path: &Path) -> bool {
+    matches!(
+        vmm::control::request(path, &serde_json::json!({"cmd": "status"})),
+        Ok(v) if v.get("ok").and_then(|o| o.as_bool()) == Some(true)
+    )
+}
+
+fn remove_if_present(path: &Path) -> Result<(), LaunchError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(prep(path)(e)),
+    }
+}
+
+/// Reads what the log gained after byte `from`, at most its last [`LOG_TAIL`] bytes.
+fn log_tail(path: &Path, from: u64) -> String {
+    let read = || -> std::io::Result<String> {
+        let mut f = std::fs::File::open(path)?;
+        let len = f.metadata()?.len();
+        let start = from.max(len.saturating_sub(LOG_TAIL));
+        f.seek(SeekFrom::Start(start))?;
+        let mut bytes = Vec::new();
+        f.take(LOG_TAIL).read_to_end(&mut bytes)?;
+        Ok(String::from_utf8_lossy(&bytes).trim().to_string())
+    };
+    match read() {
+        Ok(t) if t.is_empty() => format!("(nothing in {})", path.display()),
+        Ok(t) => t,
+        Err(e) => format!("({}: {e})", path.display()),
+    }
+}
+
+/// Starts one VMM as described by `spec` and returns once its control socket answers.
+///
+/// The VMM runs in a new session (`setsid`): the daemon's death, or a Ctrl-C on the daemon's
+/// terminal, does not reach it. Its stdin is `/dev/null`, its stdout and stderr go to
+/// `vmm.log`. When it exits before answering, or does not answer within
+/// `spec.ready_timeout` (it is then killed), the error quotes the end of its log.
+///
+/// The returned process is a child of the caller and is not reaped here: hand it to
+/// [`crate::supervisor::Supervisor::watch`] with `own_child = true`.
+pub fn launch(spec: &LaunchSpec) -> Result<Launched, LaunchError> {
+    let paths = VmPaths::new(&spec.vm_dir);
+    std::fs::create_dir_all(&paths.dir).map_err(prep(&paths.dir))?;
+    std::fs::set_permissions(&paths.dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(prep(&paths.dir))?;
+    if paths.control.exists() && control_answers(&paths.control) {
+        return Err(LaunchError::AlreadyRunning(paths.dir));
+    }
+    for stale in [&paths.control, &paths.console, &paths.exit_report] {
+        remove_if_present(stale)?;
+    }
+    let json = serde_json::to_vec_pretty(&spec.config)?;
+    vmm::exit_report::write_atomic(&paths.config, &json).map_err(prep(&paths.config))?;
+
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(&paths.log)
+        .map_err(prep(&paths.log))?;
+    let log_start = log.metadata().map_err(prep(&paths.log))?.len();
+    let log_err = log.try_clone().map_err(prep(&paths.log))?;
+
+    let mut cmd = Command::new(&spec.binary);
+    cmd.arg("run")
+        .arg("--config")
+        .arg(&paths.config)
+        .arg("--control")
+        .arg(&paths.control)
+        .arg("--serial")
+        .arg(format!("socket={}", paths.console.display()))
+        .arg("--exit-report")
+        .arg(&paths.exit_report)
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log_err);
+    // SAFETY: the closure runs in the forked child before exec and only calls setsid(2), which
+    // is async-signal-safe, touches no memory of the parent and cannot fail in a freshly forked
+    // child (it is never a process group leader).
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|source| LaunchError::Spawn {
+        binary: spec.binary.clone(),
+        source,
+    })?;
+    let pid = child.id();
+    // The child cannot be reaped before we wait for it, so its /proc entry is there.
+    let start_time = match proc_start_time(pid) {
+        Ok(t) => t,
+        Err(source) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(LaunchError::Spawn {
+                binary: spec.binary.clone(),
+                source,
+            });
+        }
+    };
+
+    let begun = Instant::now();
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => {
+                return Err(LaunchError::Exited {
+                    status,
+                    log_tail: log_tail(&paths.log, log_start),
+                })
+            }
+            Ok(None) => {}
+            Err(source) => {
+                return Err(LaunchError::Spawn {
+                    binary: spec.binary.clone(),
+                    source,
+                })
+            }
+        }
+        if paths.control.exists() && control_answers(&paths.control) {
+            // Dropping a `Child` neither kills nor reaps it: the supervisor reaps it.
+            drop(child);
+            return Ok(Launched {
+                pid,
+                start_time,
+                paths,
+            });
+        }
+        if begun.elapsed() > spec.ready_timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(LaunchError::Timeout {
+                timeout: spec.ready_timeout,
+                log_tail: log_tail(&paths.log, log_start),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Errors reading `/proc/PID/stat`.
+fn bad_stat(pid: u32, what: &str) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::InvalidData,
+        format!("/proc/{pid}/stat: {what}"),
+    )
+}
+
+/// Fields of `/proc/PID/stat` after the command name: index 0 is field 3 (state).
+fn stat_fields(pid: u32) -> std::io::Result<Vec<String>> {
+    let path = format!("/proc/{pid}/stat");
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{path}: {e}")))?;
+    // The command name (field 2) is in parentheses and may itself hold ')' or spaces.
+    let close = text
+        .rfind(')')
+        .ok_or_else(|| bad_stat(pid, "no command name"))?;
+    Ok(text[close + 1..]
+        .split_whitespace()
+        .map(str::to_string)
+        .collect())
+}
+
+/// The start time of process `pid`: field 22 of `/proc/PID/stat`, in clock ticks after boot.
+pub fn proc_start_time(pid: u32) -> std::io::Result<u64> {
+    let fields = stat_fields(pid)?;
+    fields
+        .get(22 - 3)
+        .ok_or_else(|| bad_stat(pid, "too few fields"))?
+        .parse()
+        .map_err(|_| bad_stat(pid, "field 22 is not a number"))
+}
+
+/// The state letter of process `pid` (field 3 of `/proc/PID/stat`: `R`, `S`, `Z` ...).
+pub fn proc_state(pid: u32) -> std::io::Result<char> {
+    stat_fields(pid)?
+        .first()
+        .and_then(|s| s.chars().next())
+        .ok_or_else(|| bad_stat(pid, "no state"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_start_time_and_state() {
+        let me = std::process::id();
+        let t = proc_start_time(me).unwrap();
+        assert_eq!(proc_start_time(me).unwrap(), t);
+        assert_ne!(proc_state(me).unwrap(), 'Z');
+        assert!(proc_start_time(u32::MAX).is_err());
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("fv-launcher-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn a_missing_binary_and_a_silent_one_fail_the_launch() {
+        let dir = scratch("fail");
+        let mut spec = LaunchSpec::new(
+            dir.join("no-such-ferrovisor"),
+            dir.join("vm"),
+            VmConfig::default(),
+        );
+        let err = launch(&spec).unwrap_err();
+        assert!(matches!(err, LaunchError::Spawn { .. }), "{err:?}");
+        assert!(err.to_string().contains("no-such-ferrovisor"), "{err}");
+        let config = std::fs::read_to_string(dir.join("vm/config.json")).unwrap();
+        assert!(config.contains("\"cpus\""), "{config}");
+        let mode = std::fs::metadata(dir.join("vm"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700);
+
+        // A "VMM" that never opens its control socket: killed after the timeout.
+        let fake = dir.join("fake-vmm");
+        std::fs::write(&fake, "#!/bin/sh\necho starting up\nexec sleep 30\n").unwrap();
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        spec.binary = fake;
+        spec.ready_timeout = Duration::from_millis(300);
+        let err = launch(&spec).unwrap_err();
+        assert!(matches!(err, LaunchError::Timeout { .. }), "{err:?}");
+        assert!(err.to_string().contains("starting up"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn log_tail_reads_only_this_launch() {
+        let dir = std::env::temp_dir().join(format!("fv-launcher-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("vmm.log");
+        std::fs::write(&p, "old run\nnew run: disk /x: no such file\n").unwrap();
+        assert_eq!(log_tail(&p, 8), "new run: disk /x: no such file");
+        assert!(log_tail(&p, 1000).starts_with("(nothing"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
