@@ -49,12 +49,26 @@ fn ctl_shutdown_presses_the_power_button_and_the_guest_powers_off() {
     let dir = common::scratch("shutdown-guest");
     let guest = dir.join("shutdown-guest.sh");
     std::fs::write(&guest, GUEST).unwrap();
-    let lab = run_scenario(
-        "shutdown",
-        SCENARIO,
-        &[(guest, "/shutdown-guest.sh")],
-        Duration::from_secs(900),
-    );
+    let run = || {
+        run_scenario(
+            "shutdown",
+            SCENARIO,
+            &[(guest.clone(), "/shutdown-guest.sh")],
+            Duration::from_secs(900),
+        )
+    };
+    let mut lab = run();
+    if !lab.section("shutdown").text.contains("FV-SHUTDOWN ready") {
+        // Seen once in CI: the guest printed nothing after FV-INFO for 200 s, before the
+        // button was ever pressed (a guest or lab stall, under investigation). That is not what
+        // this test checks, so it gets one more run, which must pass; the stall stays visible.
+        eprintln!(
+            "WARNING lab acpi-shutdown: the guest never reported ready (stall before the press); \
+running the scenario once more. First log:\n{}",
+            lab.section("shutdown").text
+        );
+        lab = run();
+    }
     let s = lab.section("shutdown");
     let t = &s.text;
     let out = &lab.output.stdout;
