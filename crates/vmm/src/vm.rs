@@ -228,7 +228,15 @@ impl Vm {
             tracing::warn!("{PVM_HINT}");
         }
 
-        let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        // KVM_CREATE_VM can fail with EINTR when a signal arrives while KVM sets the VM up
+        // (seen in the lab): try again, a bounded number of times.
+        let mut attempts = 0;
+        let vm_fd = loop {
+            match kvm.create_vm() {
+                Err(e) if e.errno() == libc::EINTR && attempts < 100 => attempts += 1,
+                other => break other.map_err(kvm_err("KVM_CREATE_VM"))?,
+            }
+        };
         vm_fd
             .set_identity_map_address(KVM_IDENTITY_MAP_START)
             .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
