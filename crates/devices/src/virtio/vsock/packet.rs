@@ -162,36 +162,49 @@ where
     Ok(out)
 }
 
-/// Copies `buf.len()` bytes starting `skip` bytes into `regions` out of guest memory.
-fn read_at(
-    mem: &GuestMemoryMmap,
+/// Walks `len` bytes starting `skip` bytes into `regions`, calling `f(guest address, range of
+/// the caller's buffer)` for each contiguous piece. `HeaderTooShort` when the regions end first.
+fn for_each_span(
     regions: &[(GuestAddress, u64)],
     mut skip: u64,
-    buf: &mut [u8],
+    len: usize,
+    mut f: impl FnMut(GuestAddress, std::ops::Range<usize>) -> Result<(), PacketError>,
 ) -> Result<(), PacketError> {
     let mut done = 0usize;
-    for &(addr, len) in regions {
-        if done == buf.len() {
+    for &(addr, rlen) in regions {
+        if done == len {
             break;
         }
-        if skip >= len {
-            skip -= len;
+        if skip >= rlen {
+            skip -= rlen;
             continue;
         }
-        let avail = len - skip;
-        let n = (buf.len() - done).min(usize::try_from(avail).unwrap_or(usize::MAX));
+        let avail = rlen - skip;
+        let n = (len - done).min(usize::try_from(avail).unwrap_or(usize::MAX));
         let at = addr.0.checked_add(skip).ok_or(PacketError::Memory)?;
-        let dst = buf.get_mut(done..done + n).ok_or(PacketError::Memory)?;
-        mem.read_slice(dst, GuestAddress(at))
-            .map_err(|_| PacketError::Memory)?;
+        f(GuestAddress(at), done..done + n)?;
         done += n;
         skip = 0;
     }
-    if done == buf.len() {
+    if done == len {
         Ok(())
     } else {
         Err(PacketError::HeaderTooShort)
     }
+}
+
+/// Copies `buf.len()` bytes starting `skip` bytes into `regions` out of guest memory.
+fn read_at(
+    mem: &GuestMemoryMmap,
+    regions: &[(GuestAddress, u64)],
+    skip: u64,
+    buf: &mut [u8],
+) -> Result<(), PacketError> {
+    let len = buf.len();
+    for_each_span(regions, skip, len, |at, range| {
+        let dst = buf.get_mut(range).ok_or(PacketError::Memory)?;
+        mem.read_slice(dst, at).map_err(|_| PacketError::Memory)
+    })
 }
 
 /// Parses a tx (driver → device) chain: every descriptor device-readable, the header possibly
@@ -281,35 +294,11 @@ impl RxBuffer {
         Ok((HDR_LEN + data.len()) as u32)
     }
 
-    fn write_at(
-        &self,
-        mem: &GuestMemoryMmap,
-        mut skip: u64,
-        buf: &[u8],
-    ) -> Result<(), PacketError> {
-        let mut done = 0usize;
-        for &(addr, len) in &self.regions {
-            if done == buf.len() {
-                break;
-            }
-            if skip >= len {
-                skip -= len;
-                continue;
-            }
-            let avail = len - skip;
-            let n = (buf.len() - done).min(usize::try_from(avail).unwrap_or(usize::MAX));
-            let at = addr.0.checked_add(skip).ok_or(PacketError::Memory)?;
-            let src = buf.get(done..done + n).ok_or(PacketError::Memory)?;
-            mem.write_slice(src, GuestAddress(at))
-                .map_err(|_| PacketError::Memory)?;
-            done += n;
-            skip = 0;
-        }
-        if done == buf.len() {
-            Ok(())
-        } else {
-            Err(PacketError::HeaderTooShort)
-        }
+    fn write_at(&self, mem: &GuestMemoryMmap, skip: u64, buf: &[u8]) -> Result<(), PacketError> {
+        for_each_span(&self.regions, skip, buf.len(), |at, range| {
+            let src = buf.get(range).ok_or(PacketError::Memory)?;
+            mem.write_slice(src, at).map_err(|_| PacketError::Memory)
+        })
     }
 }
 
