@@ -103,6 +103,108 @@ pub struct CreateVm {
     /// Start it once defined (desired state `running`); default false.
     #[serde(default)]
     pub start: bool,
+    /// Host resource limits of its VMM process (cgroups v2).
+    #[serde(default)]
+    pub resources: Resources,
+}
+
+/// Host resource limits of one VM's VMM process, applied through a cgroup v2 of its own
+/// (`cpu.weight`, `cpu.max`, `memory.max`, `pids.max`). Unset fields leave the kernel's
+/// default (no limit). On a host without cgroups v2 (or without these controllers delegated
+/// to the daemon) a VM with limits is refused at start with the reason.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    /// Relative CPU share against the other VMs (`cpu.weight`, 1–10000; the kernel's default
+    /// is 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = 100, minimum = 1, maximum = 10000)]
+    pub cpu_weight: Option<u32>,
+    /// CPU time cap in percent of one host CPU (`cpu.max`; 150 = one and a half CPUs), 1 to
+    /// 100 × the host's CPUs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = 150, minimum = 1)]
+    pub cpu_max_percent: Option<u32>,
+    /// Memory cap of the whole VMM process, guest RAM included (`memory.max`): at least the
+    /// guest's memory plus 16 MiB. `"1G"`, `"1536M"` or bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_max: Option<vmm::config::ByteSize>,
+    /// Most tasks (threads) the VMM may have (`pids.max`): at least its vCPUs + 16.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = 64, minimum = 1)]
+    pub pids_max: Option<u32>,
+}
+
+impl Resources {
+    /// Whether no limit is set.
+    pub fn is_empty(&self) -> bool {
+        *self == Resources::default()
+    }
+}
+
+/// `POST /v1/vms/{vm}/shutdown`: the ACPI power button, then after `timeout_s` seconds the
+/// VMM is stopped, then killed. An empty body takes the defaults.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownRequest {
+    /// Seconds the guest gets to power off after the button press (1–3600, default 30).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = 30, minimum = 1, maximum = 3600)]
+    pub timeout_s: Option<u32>,
+}
+
+/// `DELETE`-less actions and their answers use [`VmInfo`]; `GET /v1/vms/{vm}/stats` answers
+/// this.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct VmStats {
+    /// The VM's id.
+    pub id: String,
+    /// Its name.
+    pub name: String,
+    /// Its state.
+    pub state: VmState,
+    /// The VMM's pid.
+    pub pid: u32,
+    /// Milliseconds since its VMM started.
+    pub uptime_ms: u64,
+    /// The VMM process's resident memory (guest RAM it touched included).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rss_bytes: Option<u64>,
+    /// Guest memory configured.
+    pub memory_bytes: u64,
+    /// Per vCPU: exits by reason and CPU time.
+    pub vcpus: Vec<VcpuStats>,
+    /// Per virtio device: its counters.
+    pub devices: Vec<DeviceStats>,
+    /// The balloon, when the VM has one (target, actual, the guest's memory statistics).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub balloon: Option<Value>,
+}
+
+/// One vCPU's counters.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct VcpuStats {
+    /// Its index.
+    pub vcpu: u32,
+    /// KVM exits by reason (`io_in`, `io_out`, `mmio_read`, `mmio_write`, `hlt`, ...) and
+    /// `total`.
+    pub exits: std::collections::BTreeMap<String, u64>,
+    /// CPU time its thread used (user + system), in milliseconds, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_time_ms: Option<u64>,
+}
+
+/// One virtio device's counters.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct DeviceStats {
+    /// `block`, `net`, `vsock`, `rng`, `balloon`, `console`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Its id.
+    pub id: String,
+    /// Its counters (requests, bytes, errors, ...).
+    pub counters: std::collections::BTreeMap<String, u64>,
 }
 
 /// A VM as the API shows it.
@@ -140,6 +242,9 @@ pub struct VmInfo {
     pub last_exit_code: Option<i32>,
     /// When it was defined (Unix milliseconds).
     pub created_at: i64,
+    /// Its host resource limits.
+    #[serde(default)]
+    pub resources: Resources,
 }
 
 /// Every error the API returns (4xx and 5xx), as JSON.

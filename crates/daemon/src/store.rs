@@ -101,7 +101,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use vmm::VmConfig;
 
 /// The schema version this build writes and understands.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// `PRAGMA application_id` of a Ferrovisor state database ("FVST").
 const APPLICATION_ID: i32 = 0x4656_5354;
@@ -115,7 +115,12 @@ pub type UnixMillis = i64;
 /// An event's id: strictly increasing over the life of the store.
 pub type EventId = i64;
 
-const MIGRATIONS: &[(i64, &str)] = &[(1, SCHEMA_V1)];
+const MIGRATIONS: &[(i64, &str)] = &[(1, SCHEMA_V1), (2, SCHEMA_V2)];
+
+/// v2: per-VM host resource limits (cgroups), as JSON ([`api::Resources`]).
+const SCHEMA_V2: &str = "
+ALTER TABLE vms ADD COLUMN resources TEXT NOT NULL DEFAULT '{}' CHECK (json_valid(resources));
+";
 
 const SCHEMA_V1: &str = "
 PRAGMA application_id = 1180062548;
@@ -377,6 +382,8 @@ pub struct VmRecord {
     pub created_at: UnixMillis,
     /// When it last changed.
     pub updated_at: UnixMillis,
+    /// Host resource limits of its VMM (cgroups).
+    pub resources: api::Resources,
     /// Its process.
     pub runtime: Runtime,
 }
@@ -466,7 +473,7 @@ impl fmt::Debug for Store {
 
 const VM_COLUMNS: &str = "id, name, config, restart_policy, desired_state, created_at, \
     updated_at, state, pid, pid_start_time, control_socket, console_socket, started_at, \
-    restart_count, last_exit_reason, last_exit_code, next_restart_at";
+    restart_count, last_exit_reason, last_exit_code, next_restart_at, resources";
 
 /// A `vms` row as read, before its text columns are parsed.
 struct RawVm {
@@ -487,6 +494,7 @@ struct RawVm {
     last_exit_reason: Option<String>,
     last_exit_code: Option<i64>,
     next_restart_at: Option<i64>,
+    resources: String,
 }
 
 impl RawVm {
@@ -509,6 +517,7 @@ impl RawVm {
             last_exit_reason: r.get(14)?,
             last_exit_code: r.get(15)?,
             next_restart_at: r.get(16)?,
+            resources: r.get(17)?,
         })
     }
 
@@ -521,8 +530,11 @@ impl RawVm {
         let parse = |what: &str, e: StoreError| corrupt(format!("{what}: {e}"));
         let config = serde_json::from_str(&self.config)
             .map_err(|e| corrupt(format!("config does not parse: {e}")))?;
+        let resources = serde_json::from_str(&self.resources)
+            .map_err(|e| corrupt(format!("resources do not parse: {e}")))?;
         let int = |what: &str, v: i64| corrupt(format!("{what} {v} out of range"));
         Ok(VmRecord {
+            resources,
             name: self.name,
             config,
             restart_policy: self
@@ -712,7 +724,30 @@ impl Store {
         restart_policy: RestartPolicy,
         desired_state: DesiredState,
     ) -> Result<VmRecord, StoreError> {
+        self.create_with(
+            name,
+            config,
+            restart_policy,
+            desired_state,
+            &api::Resources::default(),
+        )
+    }
+
+    /// [`Store::create`] with host resource limits.
+    pub fn create_with(
+        &self,
+        name: &str,
+        config: &VmConfig,
+        restart_policy: RestartPolicy,
+        desired_state: DesiredState,
+        resources: &api::Resources,
+    ) -> Result<VmRecord, StoreError> {
         validate_name(name)?;
+        let resources_json =
+            serde_json::to_string(resources).map_err(|e| StoreError::Invalid {
+                field: "resources",
+                reason: e.to_string(),
+            })?;
         let config_json = serde_json::to_string(config).map_err(|e| StoreError::Invalid {
             field: "config",
             reason: e.to_string(),
@@ -745,7 +780,7 @@ impl Store {
             let now = now_millis();
             tx.execute(
                 "INSERT INTO vms (id, name, config, restart_policy, desired_state, created_at, \
-                 updated_at, state) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, ?7)",
+                 updated_at, state, resources) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, ?7, ?8)",
                 params![
                     id.as_str(),
                     name,
@@ -753,7 +788,8 @@ impl Store {
                     restart_policy.as_str(),
                     desired_state.as_str(),
                     now,
-                    VmState::Created.as_str()
+                    VmState::Created.as_str(),
+                    resources_json
                 ],
             )?;
             insert_event(

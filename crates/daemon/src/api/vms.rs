@@ -54,7 +54,9 @@ pub async fn create_vm(
         store::DesiredState::Stopped
     };
     let rec = st
-        .blocking(move |s| s.create(&req.name, &req.config, policy, desired))
+        .blocking(move |s| {
+            s.create_with(&req.name, &req.config, policy, desired, &req.resources)
+        })
         .await?;
     st.notify_changed();
     Ok((StatusCode::CREATED, Json(vm_info(&rec))))
@@ -185,5 +187,6 @@ pub fn vm_info(rec: &VmRecord) -> VmInfo {
         last_exit_reason: rt.last_exit_reason.clone(),
         last_exit_code: rt.last_exit_code,
         created_at: rec.created_at,
+        resources: rec.resources.clone(),
     }
 }
