@@ -55,6 +55,28 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run the host daemon: the VM registry, one VMM process per VM, the HTTP API on a Unix
+    /// socket. One per host (per state directory).
+    Daemon(DaemonArgs),
+}
+
+#[derive(clap::Args)]
+struct DaemonArgs {
+    /// The API socket (mode 0660).
+    #[arg(long, env = "FERROVISOR_SOCKET", default_value = daemon::server::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Where the daemon keeps its database and the VMs' run directories.
+    #[arg(long, env = "FERROVISOR_STATE_DIR", default_value = daemon::server::DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+    /// The group allowed to use the API socket (name or gid); default: root's only.
+    #[arg(long)]
+    group: Option<String>,
+    /// The KVM device VMs use.
+    #[arg(long, env = "FERROVISOR_KVM", default_value = KVM_PATH)]
+    kvm: PathBuf,
+    /// Seconds a new VMM gets to come up (its control socket answering).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
+    ready_timeout: u64,
 }
 
 #[derive(Subcommand)]
@@ -333,6 +355,19 @@ fn host(kvm: &std::path::Path, json: bool) -> anyhow::Result<u8> {
     Ok(if usable { 0 } else { 1 })
 }
 
+fn run_daemon(args: &DaemonArgs) -> anyhow::Result<u8> {
+    let opts = daemon::server::DaemonOptions {
+        socket: args.socket.clone(),
+        state_dir: args.state_dir.clone(),
+        group: args.group.clone(),
+        kvm: args.kvm.clone(),
+        vmm_binary: None,
+        ready_timeout: std::time::Duration::from_secs(args.ready_timeout),
+    };
+    daemon::server::run(&opts).context("ferrovisor daemon")?;
+    Ok(0)
+}
+
 fn main() -> ExitCode {
     let started = Instant::now();
     let cli = Cli::parse();
@@ -341,6 +376,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run_and_report(args, started),
         Command::Host { kvm, json } => host(kvm, *json),
         Command::Ctl { socket, request } => ctl(socket, request),
+        Command::Daemon(args) => run_daemon(args),
     };
     match result {
         Ok(code) => ExitCode::from(code),

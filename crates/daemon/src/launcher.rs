@@ -15,6 +15,7 @@
 
 use std::fs::OpenOptions;
 use std::io::{Read, Seek, SeekFrom};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -39,6 +40,9 @@ pub struct LaunchSpec {
     pub config: VmConfig,
     /// How long to wait for the control socket to answer `status`.
     pub ready_timeout: Duration,
+    /// A cgroup v2 `cgroup.procs` file: the VMM joins that cgroup before it execs, so it
+    /// never runs outside its limits.
+    pub cgroup_procs: Option<PathBuf>,
 }
 
 impl LaunchSpec {
@@ -49,6 +53,7 @@ impl LaunchSpec {
             vm_dir,
             config,
             ready_timeout: DEFAULT_READY_TIMEOUT,
+            cgroup_procs: None,
         }
     }
 }
@@ -225,18 +230,38 @@ pub fn launch(spec: &LaunchSpec) -> Result<Launched, LaunchError> {
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log_err);
-    // SAFETY: the closure runs in the forked child before exec and only calls setsid(2), which
-    // is async-signal-safe, touches no memory of the parent and cannot fail in a freshly forked
-    // child (it is never a process group leader).
+    // Opened here, before the fork: the child may only make async-signal-safe calls.
+    let cgroup_procs = match &spec.cgroup_procs {
+        Some(path) => Some(
+            OpenOptions::new()
+                .write(true)
+                .open(path)
+                .map_err(prep(path))?,
+        ),
+        None => None,
+    };
+    let cgroup_fd = cgroup_procs.as_ref().map(|f| f.as_raw_fd());
+    // SAFETY: the closure runs in the forked child before exec and only calls setsid(2) and
+    // write(2) on an fd the parent keeps open until after the spawn, both async-signal-safe;
+    // it touches no memory of the parent but a static byte string. setsid cannot fail in a
+    // freshly forked child (it is never a process group leader).
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             if libc::setsid() == -1 {
                 return Err(std::io::Error::last_os_error());
+            }
+            if let Some(fd) = cgroup_fd {
+                // "0" moves the writing process (this child) into the cgroup.
+                if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             Ok(())
         });
     }
-    let mut child = cmd.spawn().map_err(|source| LaunchError::Spawn {
+    let spawned = cmd.spawn();
+    drop(cgroup_procs);
+    let mut child = spawned.map_err(|source| LaunchError::Spawn {
         binary: spec.binary.clone(),
         source,
     })?;

@@ -4,8 +4,11 @@
 #![deny(missing_docs)]
 
 pub mod api;
+pub mod console_hub;
 pub mod error;
 pub mod launcher;
+pub mod manager;
+pub mod server;
 pub mod store;
 pub mod supervisor;
 

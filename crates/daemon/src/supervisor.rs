@@ -526,7 +526,7 @@ pub const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(300);
 /// the delay before starting it again.
 ///
 /// - `user_stopped` (the user asked for the stop) or `notice.stop_requested`: never.
-/// - A guest reboot (report reason `reset`): at once under `OnFailure` and `Always`.
+/// - A guest reboot (report reason `reset`): at once, under every policy.
 /// - `Never`: never. `OnFailure`: only when `notice.crashed`. `Always`: any exit.
 /// - Delay: 1 s, 2 s, 4 s ... doubling with `restart_count` (restarts since the VM last ran
 ///   [`BACKOFF_RESET_AFTER`]), capped at 60 s; 1 s again when the VM ran that long since
@@ -552,9 +552,11 @@ pub fn restart_delay(
     restart_count: u32,
     up_for: Duration,
 ) -> Option<Duration> {
-    if user_stopped || notice.stop_requested || policy == RestartPolicy::Never {
+    if user_stopped || notice.stop_requested {
         return None;
     }
+    // A guest reboot is not an end: the VM comes back whatever its policy (a machine that
+    // stays off after `reboot` would surprise everyone).
     let rebooted = !notice.crashed
         && notice
             .report
@@ -562,6 +564,9 @@ pub fn restart_delay(
             .is_some_and(|r| r.reason == ExitKind::Reset);
     if rebooted {
         return Some(Duration::ZERO);
+    }
+    if policy == RestartPolicy::Never {
+        return None;
     }
     if policy == RestartPolicy::OnFailure && !notice.crashed {
         return None;
@@ -644,6 +649,7 @@ mod tests {
             d(RestartPolicy::OnFailure, &reboot, 5),
             Some(Duration::ZERO)
         );
+        assert_eq!(d(RestartPolicy::Never, &reboot, 0), Some(Duration::ZERO));
         assert_eq!(d(RestartPolicy::Always, &stopped, 0), None);
         assert_eq!(
             restart_delay(RestartPolicy::Always, &crash, true, 0, short),

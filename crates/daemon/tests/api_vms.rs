@@ -32,7 +32,12 @@ fn create_list_get_delete() {
     let r = srv.post("/v1/vms", &body.to_string());
     assert_eq!(r.status, 201, "{}", r.text());
     assert_eq!(r.json()["restart_policy"], "on-failure");
-    assert_eq!(r.json()["desired_state"], "running");
+    // `start` really starts: this kernel is only a header, so the VMM fails and says why; the
+    // VM stays defined, crashed with the reason, and wanted stopped (no restart loop).
+    assert_eq!(r.json()["state"], "crashed", "{}", r.text());
+    assert_eq!(r.json()["desired_state"], "stopped");
+    let reason = r.json()["last_exit_reason"].as_str().unwrap_or("").to_string();
+    assert!(reason.starts_with("failed to start"), "{reason}");
     assert_eq!(r.json()["config"]["memory"], "128M");
 
     let list = srv.get("/v1/vms").json();
@@ -54,7 +59,8 @@ fn create_list_get_delete() {
         .iter()
         .filter_map(|e| e["kind"].as_str())
         .collect();
-    assert_eq!(kinds, ["created", "created"]);
+    // db: created, then its start failed (crashed, with the reason).
+    assert_eq!(kinds, ["created", "created", "crashed"]);
     assert_eq!(events[0]["vm_id"], id.as_str());
 
     let r = srv.delete(&format!("/v1/vms/{id}"));
@@ -65,7 +71,7 @@ fn create_list_get_delete() {
     let r = srv.delete("/v1/vms/db?force=false");
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(srv.get("/v1/vms").json(), json!([]));
-    let events = srv.get("/v1/events?after=2&limit=10").json();
+    let events = srv.get("/v1/events?after=3&limit=10").json();
     assert_eq!(events.as_array().map(Vec::len), Some(2));
     assert_eq!(events[0]["kind"], "deleted");
 }

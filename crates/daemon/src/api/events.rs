@@ -95,7 +95,7 @@ pub async fn event_stream(
                     let sse = to_sse(&e);
                     return Some((Ok(sse), (st, last, queue)));
                 }
-                let notified = st.inner.changed.notified();
+                let notified = st.changed().notified();
                 let from = last;
                 match st.blocking(move |s| s.events_since(from, 100)).await {
                     Ok(events) if !events.is_empty() => {

@@ -2,6 +2,7 @@
 //! and the reason. Mapping from the store's and the config's errors lives here.
 
 use crate::error::StoreError;
+use crate::manager::OpError;
 use api::ApiError;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -109,6 +110,30 @@ impl From<StoreError> for Failure {
             ),
         };
         let mut f = Failure::new(status, code, field, reason);
+        f.body.error = message;
+        f
+    }
+}
+
+impl From<OpError> for Failure {
+    fn from(e: OpError) -> Failure {
+        let message = e.to_string();
+        let mut f = match e {
+            OpError::Store(s) => return Failure::from(s),
+            OpError::Launch { reason, .. } => Failure::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "start_failed",
+                None,
+                format!("the VMM did not start: {reason}"),
+            ),
+            OpError::Control { action, reason, .. } => Failure::new(
+                StatusCode::CONFLICT,
+                "vmm_refused",
+                None,
+                format!("the VMM refused {action}: {reason}"),
+            ),
+            OpError::Internal(reason) => Failure::internal(reason),
+        };
         f.body.error = message;
         f
     }

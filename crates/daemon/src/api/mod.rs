@@ -27,25 +27,28 @@
 //! anything else (the supervisor, another process) reach the stream without that writer
 //! knowing about the API.
 
+mod console;
 mod events;
 mod failure;
 mod host;
 mod input;
+mod lifecycle;
 mod metrics;
 mod socket;
 mod vms;
 
 pub use failure::Failure;
+pub(crate) use vms::api_state;
 pub use socket::bind_socket;
 
 use crate::error::StoreError;
+use crate::manager::{Manager, OpError};
 use crate::store::Store;
 use axum::http::{Method, StatusCode, Uri};
 use axum::response::IntoResponse;
 use axum::Router;
-use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, OnceLock};
 use tokio::sync::{Notify, OwnedMutexGuard};
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
@@ -60,29 +63,29 @@ pub struct ApiConfig {
     pub kvm_path: PathBuf,
 }
 
-/// The API's shared state: the store, the config, the per-VM locks, the change notifier.
+/// The API's shared state: the VM manager (and through it the store), the config, the change
+/// notifier.
 #[derive(Clone)]
 pub struct AppState {
     inner: Arc<Inner>,
 }
 
 struct Inner {
-    store: Arc<Store>,
+    manager: Manager,
     config: ApiConfig,
-    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    changed: Notify,
+    changed: Arc<Notify>,
     openapi: OnceLock<String>,
 }
 
 impl AppState {
-    /// State over `store`.
-    pub fn new(store: Arc<Store>, config: ApiConfig) -> AppState {
+    /// State over `manager`; `changed` is the notifier the manager wakes (see
+    /// [`Manager::new`]).
+    pub fn new(manager: Manager, changed: Arc<Notify>, config: ApiConfig) -> AppState {
         AppState {
             inner: Arc::new(Inner {
-                store,
+                manager,
                 config,
-                locks: Mutex::new(HashMap::new()),
-                changed: Notify::new(),
+                changed,
                 openapi: OnceLock::new(),
             }),
         }
@@ -90,7 +93,12 @@ impl AppState {
 
     /// The store.
     pub fn store(&self) -> &Arc<Store> {
-        &self.inner.store
+        self.inner.manager.store()
+    }
+
+    /// The VM manager.
+    pub fn manager(&self) -> &Manager {
+        &self.inner.manager
     }
 
     /// The config.
@@ -103,20 +111,14 @@ impl AppState {
         self.inner.changed.notify_waiters();
     }
 
+    pub(crate) fn changed(&self) -> &Notify {
+        &self.inner.changed
+    }
+
     /// Takes the lock of one VM (by its id; `name:NAME` for a VM being created). Held for the
     /// whole of an operation on that VM, so operations on one VM never interleave.
     pub async fn lock_vm(&self, key: &str) -> OwnedMutexGuard<()> {
-        let m = {
-            let mut map = self
-                .inner
-                .locks
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            // Drop the entries no one holds or waits for (only the map refers to them).
-            map.retain(|_, m| Arc::strong_count(m) > 1);
-            Arc::clone(map.entry(key.to_string()).or_default())
-        };
-        m.lock_owned().await
+        self.inner.manager.lock_vm(key).await
     }
 
     /// Runs a store operation on the blocking pool.
@@ -125,11 +127,30 @@ impl AppState {
         T: Send + 'static,
         F: FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
     {
-        let store = Arc::clone(&self.inner.store);
+        let store = Arc::clone(self.store());
         tokio::task::spawn_blocking(move || f(&store))
             .await
             .map_err(|e| Failure::internal(format!("store operation failed: {e}")))?
             .map_err(Failure::from)
+    }
+
+    /// Runs a manager operation on VM `vm` (id or name) with its lock held, on the blocking
+    /// pool.
+    pub(crate) async fn vm_op<T, F>(&self, vm: String, f: F) -> Result<T, Failure>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Manager, &str) -> Result<T, OpError> + Send + 'static,
+    {
+        let id = self.blocking(move |s| s.get(&vm)).await?.id.to_string();
+        let guard = self.lock_vm(&id).await;
+        let m = self.inner.manager.clone();
+        tokio::task::spawn_blocking(move || {
+            let _guard = guard;
+            f(&m, &id)
+        })
+        .await
+        .map_err(|e| Failure::internal(format!("VM operation failed: {e}")))?
+        .map_err(Failure::from)
     }
 }
 
@@ -154,6 +175,14 @@ fn parts() -> (Router<AppState>, utoipa::openapi::OpenApi) {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(vms::list_vms, vms::create_vm))
         .routes(routes!(vms::get_vm, vms::delete_vm))
+        .routes(routes!(lifecycle::start_vm))
+        .routes(routes!(lifecycle::shutdown_vm))
+        .routes(routes!(lifecycle::kill_vm))
+        .routes(routes!(lifecycle::reboot_vm))
+        .routes(routes!(lifecycle::pause_vm))
+        .routes(routes!(lifecycle::resume_vm))
+        .routes(routes!(lifecycle::vm_stats))
+        .routes(routes!(console::console))
         .routes(routes!(events::list_events))
         .routes(routes!(events::event_stream))
         .routes(routes!(host::host_info))

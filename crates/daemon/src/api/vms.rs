@@ -19,7 +19,7 @@ use axum::Json;
     tag = "vms",
     request_body = CreateVm,
     responses(
-        (status = 201, description = "Defined", body = VmInfo),
+        (status = 201, description = "Defined (and, with `start`, started: a failed start leaves it `crashed` with the reason)", body = VmInfo),
         (status = 400, description = "Malformed JSON, unknown field, wrong type", body = ApiError),
         (status = 409, description = "The name is taken", body = ApiError),
         (status = 413, description = "Body too large", body = ApiError),
@@ -46,9 +46,10 @@ pub async fn create_vm(
     .await
     .map_err(|e| Failure::internal(format!("validation failed: {e}")))??;
 
-    let _guard = st.lock_vm(&format!("name:{}", req.name)).await;
+    let guard = st.lock_vm(&format!("name:{}", req.name)).await;
     let policy = restart_policy(req.restart_policy);
-    let desired = if req.start {
+    let start = req.start;
+    let desired = if start {
         store::DesiredState::Running
     } else {
         store::DesiredState::Stopped
@@ -58,7 +59,21 @@ pub async fn create_vm(
             s.create_with(&req.name, &req.config, policy, desired, &req.resources)
         })
         .await?;
+    drop(guard);
     st.notify_changed();
+    if !start {
+        return Ok((StatusCode::CREATED, Json(vm_info(&rec))));
+    }
+    // Defined: from here on a failed start leaves the VM defined and `crashed` with the
+    // reason, and the answer is still 201 (the definition is what was created).
+    let id = rec.id.to_string();
+    let rec = match st.vm_op(id.clone(), |m, id| m.start(id, true)).await {
+        Ok(r) => r,
+        Err(f) => {
+            tracing::warn!("VM {id}: start on create failed: {}", f.body.error);
+            st.blocking(move |s| s.get(&id)).await?
+        }
+    };
     Ok((StatusCode::CREATED, Json(vm_info(&rec))))
 }
 
@@ -98,7 +113,7 @@ pub async fn get_vm(
 }
 
 /// Delete a VM. Refused (409) while its VMM may be running (starting, running, paused,
-/// stopping) unless `force=true`. Returns the VM as it was.
+/// stopping) unless `force=true`, which kills the VMM first. Returns the VM as it was.
 #[utoipa::path(
     delete,
     path = "/v1/vms/{vm}",
@@ -126,10 +141,7 @@ pub async fn delete_vm(
             force = query_bool(k, v)?;
         }
     }
-    let id = st.blocking(move |s| s.get(&vm)).await?.id;
-    let _guard = st.lock_vm(id.as_str()).await;
-    let rec = st.blocking(move |s| s.delete(id.as_str(), force)).await?;
-    st.notify_changed();
+    let rec = st.vm_op(vm, move |m, id| m.delete(id, force)).await?;
     Ok(Json(vm_info(&rec)))
 }
 
@@ -149,7 +161,7 @@ fn api_restart_policy(p: store::RestartPolicy) -> api::RestartPolicy {
     }
 }
 
-fn api_state(s: store::VmState) -> api::VmState {
+pub(crate) fn api_state(s: store::VmState) -> api::VmState {
     use store::VmState as S;
     match s {
         S::Created => api::VmState::Created,

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use daemon::api::{bind_socket, serve_with_shutdown, ApiConfig, AppState};
+use daemon::manager::{Manager, ManagerConfig};
 use daemon::Store;
 use serde_json::Value;
 use std::io::{Read, Write};
@@ -34,22 +35,36 @@ impl Server {
         std::fs::write(&kernel, fake_bzimage()).expect("kernel");
         let sock = dir.join("api.sock");
         let store = Arc::new(Store::open(&dir.join("state")).expect("open store"));
-        let state = AppState::new(
-            store,
-            ApiConfig {
-                state_dir: dir.join("state"),
-                kvm_path: PathBuf::from("/dev/kvm"),
-            },
-        );
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let s = sock.clone();
+        let state_dir = dir.join("state");
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
                 .build()
                 .expect("runtime");
+            let changed = Arc::new(tokio::sync::Notify::new());
+            let manager = Manager::new(
+                store,
+                ManagerConfig {
+                    binary: vmm_binary(),
+                    run_dir: state_dir.join("vms"),
+                    ready_timeout: Duration::from_secs(10),
+                },
+                rt.handle().clone(),
+                changed.clone(),
+            )
+            .expect("manager");
+            let state = AppState::new(
+                manager,
+                changed,
+                ApiConfig {
+                    state_dir,
+                    kvm_path: PathBuf::from("/dev/kvm"),
+                },
+            );
             rt.block_on(async move {
                 let listener = bind_socket(&s, None).expect("bind");
                 ready_tx.send(()).expect("ready");
@@ -107,6 +122,15 @@ impl Drop for Server {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// The `ferrovisor` binary next to this test's target directory (built by the root package;
+/// absent when only this crate was built: starting a VM then fails with 422).
+pub fn vmm_binary() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .map(|t| t.join("debug").join("ferrovisor"))
+        .unwrap_or_else(|| PathBuf::from("ferrovisor"))
 }
 
 /// A bzImage header: enough for VmConfig::validate.

@@ -1,0 +1,194 @@
+//! One VM's serial console, shared by every client attached through the API.
+//!
+//! The VMM serves its console on a Unix socket (`console.sock`) to one client at a time and
+//! drops output while no one is connected; a client that stops reading would stall the guest's
+//! serial writes. A [`ConsoleHub`] is that one client, for the whole life of the VMM: it always
+//! reads, keeps the last [`HISTORY`] bytes (so an attaching user sees the recent output, e.g.
+//! the login prompt), fans output out to every attached client (a slow one loses output, never
+//! stalls the guest) and forwards their input.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{broadcast, mpsc};
+
+/// Bytes of console output kept for clients that attach later.
+pub const HISTORY: usize = 64 * 1024;
+
+/// How long the hub keeps trying to connect to a fresh VMM's console socket.
+const CONNECT_FOR: Duration = Duration::from_secs(10);
+
+/// A running hub; stops (and disconnects its clients) when dropped.
+pub struct ConsoleHub {
+    history: Arc<Mutex<VecDeque<u8>>>,
+    // Weak: when the pump ends (the VMM went away), its sender is the last one and every
+    // attached client sees the stream close.
+    output: broadcast::WeakSender<Vec<u8>>,
+    input: mpsc::Sender<Vec<u8>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// One attached client's view of the console.
+pub struct Attachment {
+    /// The recent output, to replay first.
+    pub history: Vec<u8>,
+    /// Output from now on; closed when the VMM's console goes away.
+    pub output: broadcast::Receiver<Vec<u8>>,
+    /// Where to send input.
+    pub input: mpsc::Sender<Vec<u8>>,
+}
+
+impl ConsoleHub {
+    /// Starts a hub on the console socket at `path` (on `rt`).
+    pub fn spawn(rt: &tokio::runtime::Handle, path: &Path) -> ConsoleHub {
+        let history = Arc::new(Mutex::new(VecDeque::with_capacity(HISTORY)));
+        let (output, _) = broadcast::channel(256);
+        let (input, input_rx) = mpsc::channel(64);
+        let weak = output.downgrade();
+        let task = rt.spawn(pump(path.to_path_buf(), history.clone(), output, input_rx));
+        ConsoleHub {
+            history,
+            output: weak,
+            input,
+            task,
+        }
+    }
+
+    /// Attaches one more client.
+    pub fn attach(&self) -> Attachment {
+        // Subscribe before copying the history, so no byte falls between the two.
+        let output = match self.output.upgrade() {
+            Some(tx) => tx.subscribe(),
+            // Already ended: a receiver that is closed at once.
+            None => broadcast::channel(1).1,
+        };
+        let history = self
+            .history
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .copied()
+            .collect();
+        Attachment {
+            history,
+            output,
+            input: self.input.clone(),
+        }
+    }
+}
+
+impl Drop for ConsoleHub {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn connect(path: &Path) -> Option<tokio::net::UnixStream> {
+    let deadline = tokio::time::Instant::now() + CONNECT_FOR;
+    loop {
+        match tokio::net::UnixStream::connect(path).await {
+            Ok(s) => return Some(s),
+            Err(e) if tokio::time::Instant::now() >= deadline => {
+                tracing::warn!("console {}: {e}", path.display());
+                return None;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+async fn pump(
+    path: PathBuf,
+    history: Arc<Mutex<VecDeque<u8>>>,
+    output: broadcast::Sender<Vec<u8>>,
+    mut input: mpsc::Receiver<Vec<u8>>,
+) {
+    let Some(stream) = connect(&path).await else {
+        return;
+    };
+    let (mut rd, mut wr) = stream.into_split();
+    let mut buf = vec![0u8; 4096];
+    loop {
+        tokio::select! {
+            n = rd.read(&mut buf) => {
+                let n = match n {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                let chunk = &buf[..n];
+                {
+                    let mut h = history.lock().unwrap_or_else(PoisonError::into_inner);
+                    h.extend(chunk.iter().copied());
+                    let excess = h.len().saturating_sub(HISTORY);
+                    h.drain(..excess);
+                }
+                // No receiver is fine: output is kept in the history only.
+                let _ = output.send(chunk.to_vec());
+            }
+            Some(bytes) = input.recv() => {
+                if wr.write_all(&bytes).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    #[test]
+    fn history_fan_out_and_input() {
+        let dir = std::env::temp_dir().join(format!("fv-hub-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let sock = dir.join("console.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&sock).expect("bind");
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let hub = ConsoleHub::spawn(rt.handle(), &sock);
+        let (mut vmm, _) = listener.accept().expect("hub connects");
+        // More than the history holds: only the last HISTORY bytes stay.
+        let big: Vec<u8> = (0..HISTORY + 1000).map(|i| (i % 251) as u8).collect();
+        vmm.write_all(&big).expect("write");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while hub.history.lock().expect("lock").len() < HISTORY
+            || hub.history.lock().expect("lock").back() != big.last()
+        {
+            assert!(std::time::Instant::now() < deadline, "history never filled");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let a = hub.attach();
+        assert_eq!(a.history.as_slice(), &big[big.len() - HISTORY..]);
+        let mut out = a.output;
+        vmm.write_all(b"live").expect("write");
+        let got = rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(10), out.recv()).await
+        });
+        assert_eq!(got.expect("in time").expect("open"), b"live");
+        rt.block_on(a.input.send(b"typed".to_vec())).expect("send");
+        let mut buf = [0u8; 5];
+        vmm.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        vmm.read_exact(&mut buf).expect("input reaches the VMM");
+        assert_eq!(&buf, b"typed");
+        // The VMM goes away: attached clients see the end.
+        drop(vmm);
+        let end = rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(10), out.recv()).await
+        });
+        assert!(matches!(
+            end.expect("in time"),
+            Err(broadcast::error::RecvError::Closed)
+        ));
+        drop(hub);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

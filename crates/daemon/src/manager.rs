@@ -1,0 +1,889 @@
+//! VM lifecycle: the one place that starts, stops and watches VMM processes for the API.
+//!
+//! A [`Manager`] ties the [`Store`] (what each VM is and should be), the
+//! [`launcher`](crate::launcher) (one VMM process per VM), the [`Supervisor`] (every VMM's exit,
+//! noticed at once) and each VMM's control socket together:
+//!
+//! - **Operations** (start, shutdown, kill, reboot, pause, resume, stats, delete) run with the
+//!   VM's lock held ([`Manager::lock_vm`]), so two operations on one VM never interleave; the
+//!   blocking work (launching, waiting for an exit) runs on the caller's blocking thread.
+//! - **Exits** are recorded by the exit thread as the supervisor reports them, without the VM
+//!   lock (a shutdown holding the lock waits for exactly that record): state `crashed`,
+//!   `stopped` or `exited` with the reason, then the restart policy decides.
+//! - **Restarts** wait on the restart thread until their back-off has passed, then take the VM
+//!   lock and start it again if it is still wanted.
+//! - **Recovery** ([`Manager::recover`]): a new daemon re-adopts the VMMs the store says are
+//!   running (same pid, same start time, control socket answering), records the ones that died
+//!   while no daemon watched, and re-schedules pending restarts. Guests keep running across a
+//!   daemon restart.
+
+use crate::console_hub::{Attachment, ConsoleHub};
+use crate::error::StoreError;
+use crate::launcher::{self, control_answers, LaunchSpec, VmPaths};
+use crate::store::{now_millis, DesiredState, Store, VmRecord, VmState};
+use crate::supervisor::{
+    is_crash, restart_decision, ExitKind, ExitNotice, ExitReport, ExitStatusKind, Supervisor,
+};
+use serde_json::{json, Value};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::OwnedMutexGuard;
+
+/// Default time a guest gets to power off after the ACPI power button.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Time a VMM gets to exit after `stop` before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+/// Time the kernel gets to end a killed VMM.
+const KILL_WAIT: Duration = Duration::from_secs(15);
+
+/// How the manager runs VMMs.
+#[derive(Clone, Debug)]
+pub struct ManagerConfig {
+    /// The `ferrovisor` binary started as `ferrovisor run`.
+    pub binary: PathBuf,
+    /// Where each VM's run directory (`<id>/`: config, sockets, exit report, log) goes.
+    pub run_dir: PathBuf,
+    /// How long [`launcher::launch`] waits for a VMM's control socket.
+    pub ready_timeout: Duration,
+}
+
+/// Why an operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OpError {
+    /// The store refused or failed (not found, conflict, ...).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The VMM could not be started; the VM is left `crashed` with the reason.
+    #[error("VM {vm}: the VMM did not start: {reason}")]
+    Launch {
+        /// The VM's name.
+        vm: String,
+        /// Why (the VMM's own message when it gave one).
+        reason: String,
+    },
+    /// The VMM's control socket refused or failed.
+    #[error("VM {vm}: the VMM refused {action}: {reason}")]
+    Control {
+        /// The VM's name.
+        vm: String,
+        /// What was asked.
+        action: &'static str,
+        /// Its answer.
+        reason: String,
+    },
+    /// The daemon itself failed.
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// The VM lifecycle manager. Cheap to clone.
+#[derive(Clone)]
+pub struct Manager {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Arc<Store>,
+    cfg: ManagerConfig,
+    supervisor: Supervisor,
+    rt: tokio::runtime::Handle,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Bumped on every recorded exit; waiters re-read the store.
+    exits: (Mutex<u64>, Condvar),
+    restarts: (Mutex<BinaryHeap<Reverse<(Instant, String)>>>, Condvar),
+    consoles: Mutex<HashMap<String, ConsoleHub>>,
+    changed: Arc<tokio::sync::Notify>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn conflict(rec: &VmRecord, action: &'static str) -> OpError {
+    OpError::Store(StoreError::Conflict {
+        vm: rec.name.clone(),
+        state: rec.runtime.state,
+        action,
+    })
+}
+
+/// Why a VMM ended, in words, and its exit code when known.
+pub fn describe_exit(status: ExitStatusKind, report: Option<&ExitReport>) -> (String, Option<i32>) {
+    let code = match status {
+        ExitStatusKind::Exited(c) => Some(c),
+        _ => report.map(|r| r.exit_code),
+    };
+    let text = match (status, report) {
+        (ExitStatusKind::Signaled(sig), _) => format!("killed by signal {sig} ({})", signal_name(sig)),
+        (_, Some(r)) => {
+            let what = match r.reason {
+                ExitKind::Poweroff => "the guest powered off".to_string(),
+                ExitKind::Reset => "the guest rebooted".to_string(),
+                ExitKind::Panic => "the guest kernel panicked".to_string(),
+                ExitKind::Fault => "KVM could not run the guest".to_string(),
+                ExitKind::Stopped => "the VMM was stopped".to_string(),
+                ExitKind::Signal => format!(
+                    "the VMM ended on signal {}",
+                    r.signal.map(signal_name).unwrap_or("?")
+                ),
+                ExitKind::Error => "the VMM failed".to_string(),
+            };
+            match &r.message {
+                Some(m) => format!("{what}: {m}"),
+                None => what,
+            }
+        }
+        (ExitStatusKind::Exited(c), None) => format!("the VMM exited with code {c}"),
+        (ExitStatusKind::Unknown, None) => {
+            "the VMM ended without an exit report (killed: SIGKILL or the OOM killer)".to_string()
+        }
+    };
+    (text, code)
+}
+
+fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGINT => "SIGINT",
+        libc::SIGHUP => "SIGHUP",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGILL => "SIGILL",
+        _ => "signal",
+    }
+}
+
+fn millis_to_system(ms: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+}
+
+impl Manager {
+    /// A manager over `store`; `changed` is woken after every change it records (the API's
+    /// event streams wait on it). Starts the exit and restart threads; call [`Manager::recover`]
+    /// next.
+    pub fn new(
+        store: Arc<Store>,
+        cfg: ManagerConfig,
+        rt: tokio::runtime::Handle,
+        changed: Arc<tokio::sync::Notify>,
+    ) -> std::io::Result<Manager> {
+        std::fs::create_dir_all(&cfg.run_dir)?;
+        let (supervisor, notices) = Supervisor::new()?;
+        let inner = Arc::new(Inner {
+            store,
+            cfg,
+            supervisor,
+            rt,
+            locks: Mutex::new(HashMap::new()),
+            exits: (Mutex::new(0), Condvar::new()),
+            restarts: (Mutex::new(BinaryHeap::new()), Condvar::new()),
+            consoles: Mutex::new(HashMap::new()),
+            changed,
+        });
+        let weak = Arc::downgrade(&inner);
+        std::thread::Builder::new()
+            .name("fv-exits".into())
+            .spawn(move || exit_thread(&weak, &notices))?;
+        let weak = Arc::downgrade(&inner);
+        std::thread::Builder::new()
+            .name("fv-restarts".into())
+            .spawn(move || restart_thread(&weak))?;
+        Ok(Manager { inner })
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.inner.store
+    }
+
+    /// The run directory of VM `id`.
+    pub fn vm_paths(&self, id: &str) -> VmPaths {
+        VmPaths::new(&self.inner.cfg.run_dir.join(id))
+    }
+
+    /// Takes the lock of one VM (its id; `name:NAME` while creating one). Operations on a VM
+    /// hold it throughout, so they run one after the other in arrival order (tokio's mutex is
+    /// fair) while other VMs proceed.
+    pub async fn lock_vm(&self, key: &str) -> OwnedMutexGuard<()> {
+        self.lock_entry(key).lock_owned().await
+    }
+
+    fn lock_vm_blocking(&self, key: &str) -> OwnedMutexGuard<()> {
+        self.lock_entry(key).blocking_lock_owned()
+    }
+
+    fn lock_entry(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut map = lock(&self.inner.locks);
+        // Drop the entries no one holds or waits for (only the map refers to them).
+        map.retain(|_, m| Arc::strong_count(m) > 1);
+        Arc::clone(map.entry(key.to_string()).or_default())
+    }
+
+    fn changed(&self) {
+        self.inner.changed.notify_waiters();
+    }
+
+    /// Re-adopts running VMMs after a daemon (re)start, records the ones that ended while no
+    /// daemon watched them (and applies their restart policy), re-schedules pending restarts
+    /// and starts VMs created with `start` whose start never happened. Returns how many VMMs
+    /// were adopted.
+    pub fn recover(&self) -> Result<usize, OpError> {
+        let mut adopted = 0;
+        for rec in self.inner.store.list()? {
+            let id = rec.id.to_string();
+            let _guard = self.lock_vm_blocking(&id);
+            let paths = self.vm_paths(&id);
+            let rt = &rec.runtime;
+            match rt.state {
+                VmState::Running | VmState::Paused | VmState::Stopping => {
+                    let (Some(pid), Some(start), Some(control)) =
+                        (rt.pid, rt.pid_start_time, rt.control_socket.clone())
+                    else {
+                        self.record_lost(&rec, &paths, "no pid was recorded")?;
+                        continue;
+                    };
+                    match self.inner.supervisor.adopt(
+                        id.clone(),
+                        pid,
+                        start,
+                        &control,
+                        paths.exit_report.clone(),
+                    ) {
+                        Ok(()) => {
+                            adopted += 1;
+                            self.inner.store.record_adopted(&id)?;
+                            if let Some(console) = &rt.console_socket {
+                                self.spawn_console(&id, console);
+                            }
+                            if rt.state == VmState::Stopping {
+                                // The old daemon died during a stop: finish it.
+                                self.inner.supervisor.expect_exit(&id);
+                                let _ = vmm::control::request(&control, &json!({"cmd": "stop"}));
+                            }
+                        }
+                        Err(e) => self.record_lost(&rec, &paths, &e.to_string())?,
+                    }
+                }
+                VmState::Starting => {
+                    // The daemon died while launching: a VMM may have come up unrecorded.
+                    if control_answers(&paths.control) {
+                        let _ = vmm::control::request(&paths.control, &json!({"cmd": "stop"}));
+                    }
+                    self.inner.store.set_exited(
+                        &id,
+                        "the daemon stopped while the VM was starting",
+                        None,
+                        true,
+                    )?;
+                    if rec.desired_state == DesiredState::Running {
+                        self.queue_restart(&id, now_millis());
+                    }
+                }
+                VmState::Created | VmState::Crashed | VmState::Exited | VmState::Stopped => {
+                    if rec.desired_state == DesiredState::Running {
+                        if let Some(at) = rt.next_restart_at {
+                            self.queue_restart(&id, at);
+                        } else if rt.state == VmState::Created {
+                            self.queue_restart(&id, now_millis());
+                        }
+                    }
+                }
+            }
+        }
+        self.changed();
+        Ok(adopted)
+    }
+
+    /// A VMM the store says runs is gone: record how it ended (from its exit report) and let
+    /// the restart policy decide.
+    fn record_lost(&self, rec: &VmRecord, paths: &VmPaths, why: &str) -> Result<(), OpError> {
+        let report = ExitReport::read(&paths.exit_report).ok().flatten();
+        let stop_requested = rec.runtime.state == VmState::Stopping;
+        let notice = ExitNotice {
+            vm_id: rec.id.to_string(),
+            pid: rec.runtime.pid.unwrap_or(0),
+            status: ExitStatusKind::Unknown,
+            crashed: is_crash(ExitStatusKind::Unknown, report.as_ref(), stop_requested),
+            report,
+            stop_requested,
+        };
+        tracing::warn!(
+            "VM {}: its VMM is gone ({why}); recording its end",
+            rec.name
+        );
+        handle_exit(&self.inner, &notice, Some("while the daemon was not running"));
+        Ok(())
+    }
+
+    fn queue_restart(&self, id: &str, at: i64) {
+        queue_restart(&self.inner, id, at);
+    }
+
+    fn spawn_console(&self, id: &str, socket: &Path) {
+        let hub = ConsoleHub::spawn(&self.inner.rt, socket);
+        lock(&self.inner.consoles).insert(id.to_string(), hub);
+    }
+
+    /// Attaches to VM `id`'s console. The VM must be running.
+    pub fn attach_console(&self, vm: &str) -> Result<(VmRecord, Attachment), OpError> {
+        let rec = self.inner.store.get(vm)?;
+        if !rec.runtime.state.is_live() {
+            return Err(conflict(&rec, "attach to its console (it is not running)"));
+        }
+        let consoles = lock(&self.inner.consoles);
+        let hub = consoles.get(rec.id.as_str()).ok_or_else(|| {
+            OpError::Internal(format!("VM {}: its console is not connected", rec.name))
+        })?;
+        let a = hub.attach();
+        Ok((rec, a))
+    }
+
+    /// Starts VM `id` (the caller holds its lock). `by_user`: a user's start (sets the desired
+    /// state, which a failed start resets to `stopped`); otherwise a restart by policy.
+    pub fn start(&self, id: &str, by_user: bool) -> Result<VmRecord, OpError> {
+        let store = &self.inner.store;
+        let rec = store.get(id)?;
+        if rec.runtime.state.is_live() {
+            return Err(conflict(&rec, "start it (it is already running)"));
+        }
+        if by_user {
+            store.set_desired(id, DesiredState::Running)?;
+        }
+        store.set_state(id, VmState::Starting)?;
+        self.changed();
+        let paths = self.vm_paths(id);
+        let mut spec = LaunchSpec::new(
+            self.inner.cfg.binary.clone(),
+            paths.dir.clone(),
+            rec.config.clone(),
+        );
+        spec.ready_timeout = self.inner.cfg.ready_timeout;
+        let launched = launcher::launch(&spec);
+        let l = match launched {
+            Ok(l) => l,
+            Err(e) => {
+                let reason = e.to_string();
+                if by_user {
+                    store.set_desired(id, DesiredState::Stopped)?;
+                }
+                store.set_exited(id, &format!("failed to start: {reason}"), None, true)?;
+                if !by_user {
+                    schedule_after_failure(&self.inner, id);
+                }
+                self.changed();
+                return Err(OpError::Launch {
+                    vm: rec.name,
+                    reason,
+                });
+            }
+        };
+        let rec = store.set_running(
+            id,
+            l.pid,
+            l.start_time,
+            &l.paths.control,
+            Some(&l.paths.console),
+        )?;
+        if let Err(e) = self.inner.supervisor.watch(
+            id.to_string(),
+            l.pid,
+            l.start_time,
+            l.paths.exit_report.clone(),
+            true,
+        ) {
+            // Unwatched VMMs must not exist: end it (it is our child; it will be reaped by
+            // the next watch or at daemon exit).
+            // SAFETY: kill has no memory effects; the pid is our unreaped child.
+            unsafe { libc::kill(l.pid as libc::pid_t, libc::SIGKILL) };
+            store.set_exited(id, &format!("could not be watched: {e}"), None, true)?;
+            self.changed();
+            return Err(OpError::Internal(e.to_string()));
+        }
+        self.spawn_console(id, &l.paths.console);
+        self.changed();
+        Ok(rec)
+    }
+
+    /// Waits until VM `id` is no longer live (its exit recorded), at most `timeout`.
+    fn wait_exit(&self, id: &str, timeout: Duration) -> Result<Option<VmRecord>, OpError> {
+        let deadline = Instant::now() + timeout;
+        let (m, cv) = &self.inner.exits;
+        loop {
+            let seen = *lock(m);
+            let rec = self.inner.store.get(id)?;
+            if !rec.runtime.state.is_live() {
+                return Ok(Some(rec));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            let wait = (deadline - now).min(Duration::from_millis(250));
+            let g = lock(m);
+            if *g == seen {
+                let _ = cv.wait_timeout(g, wait);
+            }
+        }
+    }
+
+    /// Sends SIGKILL to the VMM of `rec` if it is still that process.
+    fn kill_vmm(rec: &VmRecord) {
+        if let (Some(pid), Some(start)) = (rec.runtime.pid, rec.runtime.pid_start_time) {
+            if launcher::proc_start_time(pid).ok() == Some(start) {
+                // SAFETY: kill has no memory effects; the pid is still the VMM (start time
+                // checked just now).
+                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            }
+        }
+    }
+
+    /// Ends the VMM of a VM whose stop is recorded (`stopping`): `stop` on its control socket,
+    /// then SIGKILL; returns once its exit is recorded.
+    fn finish_stop(&self, rec: &VmRecord) -> Result<VmRecord, OpError> {
+        let id = rec.id.as_str();
+        if let Some(control) = &rec.runtime.control_socket {
+            if vmm::control::request(control, &json!({"cmd": "stop"})).is_ok() {
+                if let Some(r) = self.wait_exit(id, STOP_GRACE)? {
+                    return Ok(r);
+                }
+            }
+        }
+        Self::kill_vmm(rec);
+        self.wait_exit(id, KILL_WAIT)?.ok_or_else(|| {
+            OpError::Internal(format!(
+                "VM {}: its VMM (pid {:?}) did not end {} s after SIGKILL",
+                rec.name,
+                rec.runtime.pid,
+                KILL_WAIT.as_secs()
+            ))
+        })
+    }
+
+    /// Records a stop and tells the supervisor it is expected.
+    fn begin_stop(&self, rec: &VmRecord, desired: DesiredState) -> Result<VmRecord, OpError> {
+        let id = rec.id.as_str();
+        self.inner.store.set_desired(id, desired)?;
+        self.inner.supervisor.expect_exit(id);
+        match self.inner.store.set_state(id, VmState::Stopping) {
+            Ok(r) => {
+                self.changed();
+                Ok(r)
+            }
+            Err(e) => {
+                self.inner.supervisor.cancel_expect_exit(id);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Shuts VM `id` down: the ACPI power button, up to `timeout` for the guest to power
+    /// off, then `stop`, then SIGKILL. Returns the VM once its VMM has ended.
+    pub fn shutdown(&self, id: &str, timeout: Duration) -> Result<VmRecord, OpError> {
+        let rec = self.inner.store.get(id)?;
+        if !matches!(rec.runtime.state, VmState::Running | VmState::Paused) {
+            return Err(conflict(&rec, "shut it down (it is not running)"));
+        }
+        let rec = self.begin_stop(&rec, DesiredState::Stopped)?;
+        if let Some(control) = &rec.runtime.control_socket {
+            // A parked guest cannot see the button.
+            let _ = vmm::control::request(control, &json!({"cmd": "resume"}));
+            let pressed = vmm::control::request(control, &json!({"cmd": "shutdown"}));
+            if matches!(&pressed, Ok(v) if v.get("ok").and_then(Value::as_bool) == Some(true)) {
+                if let Some(r) = self.wait_exit(id, timeout)? {
+                    return Ok(r);
+                }
+                tracing::info!(
+                    "VM {}: no power-off {} s after the power button; stopping it",
+                    rec.name,
+                    timeout.as_secs()
+                );
+            }
+        }
+        self.finish_stop(&rec)
+    }
+
+    /// Kills VM `id`'s VMM (SIGKILL) and returns once its end is recorded.
+    pub fn kill(&self, id: &str) -> Result<VmRecord, OpError> {
+        let rec = self.inner.store.get(id)?;
+        if !matches!(rec.runtime.state, VmState::Running | VmState::Paused) {
+            return Err(conflict(&rec, "kill it (it is not running)"));
+        }
+        let rec = self.begin_stop(&rec, DesiredState::Stopped)?;
+        Self::kill_vmm(&rec);
+        self.wait_exit(id, KILL_WAIT)?.ok_or_else(|| {
+            OpError::Internal(format!(
+                "VM {}: its VMM did not end {} s after SIGKILL",
+                rec.name,
+                KILL_WAIT.as_secs()
+            ))
+        })
+    }
+
+    /// Reboots VM `id` the hard way: its VMM is stopped (the guest is not asked) and a new one
+    /// starts from the same config. The desired state stays `running`.
+    pub fn reboot(&self, id: &str) -> Result<VmRecord, OpError> {
+        let rec = self.inner.store.get(id)?;
+        if !matches!(rec.runtime.state, VmState::Running | VmState::Paused) {
+            return Err(conflict(&rec, "reboot it (it is not running)"));
+        }
+        let rec = self.begin_stop(&rec, DesiredState::Running)?;
+        self.finish_stop(&rec)?;
+        self.start(id, false)
+    }
+
+    fn control(&self, rec: &VmRecord, action: &'static str, req: &Value) -> Result<Value, OpError> {
+        let control = rec.runtime.control_socket.as_ref().ok_or_else(|| {
+            OpError::Internal(format!("VM {}: no control socket recorded", rec.name))
+        })?;
+        let answer = vmm::control::request(control, req).map_err(|e| OpError::Control {
+            vm: rec.name.clone(),
+            action,
+            reason: e.to_string(),
+        })?;
+        if answer.get("ok").and_then(Value::as_bool) != Some(true) {
+            let reason = answer
+                .get("error")
+                .and_then(Value::as_str)
+                .unwrap_or("no reason given")
+                .to_string();
+            return Err(OpError::Control {
+                vm: rec.name.clone(),
+                action,
+                reason,
+            });
+        }
+        Ok(answer)
+    }
+
+    /// Pauses VM `id` (its vCPUs park; the VMM keeps running).
+    pub fn pause(&self, id: &str) -> Result<VmRecord, OpError> {
+        let rec = self.inner.store.get(id)?;
+        if rec.runtime.state != VmState::Running {
+            return Err(conflict(&rec, "pause it (it is not running)"));
+        }
+        self.control(&rec, "pause", &json!({"cmd": "pause"}))?;
+        let r = self.inner.store.set_state(id, VmState::Paused)?;
+        self.changed();
+        Ok(r)
+    }
+
+    /// Resumes paused VM `id`.
+    pub fn resume(&self, id: &str) -> Result<VmRecord, OpError> {
+        let rec = self.inner.store.get(id)?;
+        if rec.runtime.state != VmState::Paused {
+            return Err(conflict(&rec, "resume it (it is not paused)"));
+        }
+        self.control(&rec, "resume", &json!({"cmd": "resume"}))?;
+        let r = self.inner.store.set_state(id, VmState::Running)?;
+        self.changed();
+        Ok(r)
+    }
+
+    /// Deletes VM `id`; `force` first kills a running VMM. Its run directory goes too.
+    pub fn delete(&self, id: &str, force: bool) -> Result<VmRecord, OpError> {
+        let rec = self.inner.store.get(id)?;
+        if rec.runtime.state.is_live() && force {
+            if rec.runtime.state == VmState::Stopping {
+                self.finish_stop(&rec)?;
+            } else {
+                self.kill(id)?;
+            }
+        }
+        let gone = self.inner.store.delete(id, false)?;
+        let dir = self.vm_paths(id).dir;
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!("removing {}: {e}", dir.display());
+            }
+        }
+        self.changed();
+        Ok(gone)
+    }
+
+    /// VM `id`'s counters: from its VMM (exits, devices, RSS, balloon) and from /proc (vCPU
+    /// thread CPU time).
+    pub fn stats(&self, vm: &str) -> Result<api::VmStats, OpError> {
+        let rec = self.inner.store.get(vm)?;
+        let (true, Some(pid)) = (rec.runtime.state.is_live(), rec.runtime.pid) else {
+            return Err(conflict(&rec, "report its stats (it is not running)"));
+        };
+        let answer = self.control(&rec, "stats", &json!({"cmd": "stats"}))?;
+        Ok(stats_from(&rec, pid, &answer))
+    }
+}
+
+/// The API's stats from a VMM's `stats` answer and /proc.
+pub fn stats_from(rec: &VmRecord, pid: u32, answer: &Value) -> api::VmStats {
+    let times = vcpu_cpu_times(pid);
+    let u64_map = |v: Option<&Value>| -> BTreeMap<String, u64> {
+        v.and_then(Value::as_object)
+            .map(|m| {
+                m.iter()
+                    .filter_map(|(k, v)| v.as_u64().map(|n| (k.clone(), n)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let vcpus = answer
+        .get("vcpus")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| {
+                    let i = u32::try_from(v.get("vcpu")?.as_u64()?).ok()?;
+                    Some(api::VcpuStats {
+                        vcpu: i,
+                        exits: u64_map(v.get("exits")),
+                        cpu_time_ms: times.get(&i).copied(),
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let devices = answer
+        .get("devices")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .map(|d| api::DeviceStats {
+                    kind: d
+                        .get("type")
+                        .and_then(Value::as_str)
+                        .unwrap_or("unknown")
+                        .to_string(),
+                    id: d
+                        .get("id")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_string(),
+                    counters: u64_map(d.get("counters")),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    api::VmStats {
+        id: rec.id.to_string(),
+        name: rec.name.clone(),
+        state: crate::api::api_state(rec.runtime.state),
+        pid,
+        uptime_ms: answer
+            .get("uptime_ms")
+            .and_then(Value::as_u64)
+            .unwrap_or(0),
+        rss_bytes: answer
+            .get("rss_bytes")
+            .and_then(Value::as_u64)
+            .or_else(|| proc_rss(pid)),
+        memory_bytes: rec.config.memory.0,
+        vcpus,
+        devices,
+        balloon: answer.get("balloon").filter(|b| !b.is_null()).cloned(),
+    }
+}
+
+/// Resident memory of process `pid` (`/proc/PID/statm`).
+pub fn proc_rss(pid: u32) -> Option<u64> {
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no memory effects.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * u64::try_from(page).unwrap_or(4096))
+}
+
+/// CPU time (user + system, ms) of each vCPU thread (`fv-vcpu-N`) of VMM `pid`.
+pub fn vcpu_cpu_times(pid: u32) -> HashMap<u32, u64> {
+    let mut out = HashMap::new();
+    // SAFETY: sysconf has no memory effects.
+    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap_or(100).max(1);
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for task in tasks.flatten() {
+        let dir = task.path();
+        let Ok(comm) = std::fs::read_to_string(dir.join("comm")) else {
+            continue;
+        };
+        let Some(n) = comm
+            .trim()
+            .strip_prefix("fv-vcpu-")
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(dir.join("stat")) else {
+            continue;
+        };
+        let Some(close) = stat.rfind(')') else {
+            continue;
+        };
+        // After the command name: field 3 is index 0; utime is field 14, stime 15.
+        let f: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        let (Some(u), Some(s)) = (
+            f.get(11).and_then(|v| v.parse::<u64>().ok()),
+            f.get(12).and_then(|v| v.parse::<u64>().ok()),
+        ) else {
+            continue;
+        };
+        out.insert(n, (u + s) * 1000 / hz);
+    }
+    out
+}
+
+/// Records one VMM exit and applies the restart policy. `context` is added to the reason.
+fn handle_exit(inner: &Arc<Inner>, notice: &ExitNotice, context: Option<&str>) {
+    let (mut reason, code) = describe_exit(notice.status, notice.report.as_ref());
+    if let Some(c) = context {
+        reason = format!("{reason} ({c})");
+    }
+    lock(&inner.consoles).remove(&notice.vm_id);
+    let rec = match inner
+        .store
+        .set_exited(&notice.vm_id, &reason, code, notice.crashed)
+    {
+        Ok(rec) => Some(rec),
+        // Deleted, or its end is already recorded.
+        Err(StoreError::NotFound(_)) | Err(StoreError::Conflict { .. }) => None,
+        Err(e) => {
+            tracing::error!("VM {}: recording its exit: {e}", notice.vm_id);
+            None
+        }
+    };
+    {
+        let (m, cv) = &inner.exits;
+        *lock(m) += 1;
+        cv.notify_all();
+    }
+    inner.changed.notify_waiters();
+    let Some(rec) = rec else { return };
+    tracing::info!("VM {}: {} ({reason})", rec.name, rec.runtime.state);
+    if rec.desired_state != DesiredState::Running {
+        return;
+    }
+    let last_start = rec
+        .runtime
+        .started_at
+        .map(millis_to_system)
+        .unwrap_or_else(SystemTime::now);
+    let Some(delay) = restart_decision(
+        rec.restart_policy,
+        notice,
+        false,
+        rec.runtime.restart_count,
+        last_start,
+    ) else {
+        return;
+    };
+    let up_for = SystemTime::now()
+        .duration_since(last_start)
+        .unwrap_or_default();
+    if up_for >= crate::supervisor::BACKOFF_RESET_AFTER {
+        let _ = inner.store.reset_restarts(&notice.vm_id);
+    }
+    let at = now_millis().saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX));
+    match inner.store.schedule_restart(&notice.vm_id, at) {
+        Ok(_) => queue_restart(inner, &notice.vm_id, at),
+        Err(e) => tracing::warn!("VM {}: scheduling its restart: {e}", rec.name),
+    }
+    inner.changed.notify_waiters();
+}
+
+/// A restart by policy failed to launch: try again after the crash back-off.
+fn schedule_after_failure(inner: &Arc<Inner>, id: &str) {
+    let Ok(rec) = inner.store.get(id) else { return };
+    let n = rec.runtime.restart_count.min(6);
+    let delay = (crate::supervisor::BACKOFF_START * (1u32 << n)).min(crate::supervisor::BACKOFF_MAX);
+    let at = now_millis().saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX));
+    if inner.store.schedule_restart(id, at).is_ok() {
+        queue_restart(inner, id, at);
+    }
+}
+
+fn queue_restart(inner: &Arc<Inner>, id: &str, at_ms: i64) {
+    let in_ms = u64::try_from(at_ms.saturating_sub(now_millis())).unwrap_or(0);
+    let due = Instant::now() + Duration::from_millis(in_ms);
+    let (m, cv) = &inner.restarts;
+    lock(m).push(Reverse((due, id.to_string())));
+    cv.notify_all();
+}
+
+fn exit_thread(inner: &Weak<Inner>, notices: &Receiver<ExitNotice>) {
+    loop {
+        match notices.recv_timeout(Duration::from_secs(1)) {
+            Ok(notice) => {
+                let Some(inner) = inner.upgrade() else { return };
+                handle_exit(&inner, &notice, None);
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                if inner.strong_count() == 0 {
+                    return;
+                }
+            }
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+    }
+}
+
+fn restart_thread(weak: &Weak<Inner>) {
+    loop {
+        let Some(inner) = weak.upgrade() else { return };
+        let due: Vec<String> = {
+            let (m, cv) = &inner.restarts;
+            let mut heap = lock(m);
+            let now = Instant::now();
+            let mut due = Vec::new();
+            while let Some(Reverse((at, _))) = heap.peek() {
+                if *at > now {
+                    break;
+                }
+                if let Some(Reverse((_, id))) = heap.pop() {
+                    due.push(id);
+                }
+            }
+            if due.is_empty() {
+                let wait = heap
+                    .peek()
+                    .map(|Reverse((at, _))| at.saturating_duration_since(now))
+                    .unwrap_or(Duration::from_secs(1))
+                    .min(Duration::from_secs(1));
+                let _ = cv.wait_timeout(heap, wait);
+            }
+            due
+        };
+        let m = Manager {
+            inner: inner.clone(),
+        };
+        drop(inner);
+        for id in due {
+            let _guard = m.lock_vm_blocking(&id);
+            let Ok(rec) = m.inner.store.get(&id) else {
+                continue;
+            };
+            // Still wanted, still down, still scheduled (a user start or stop since then
+            // cleared the schedule)?
+            let scheduled = rec.runtime.next_restart_at.is_some()
+                || rec.runtime.state == VmState::Created;
+            if rec.desired_state != DesiredState::Running
+                || rec.runtime.state.is_live()
+                || !scheduled
+            {
+                continue;
+            }
+            if let Some(at) = rec.runtime.next_restart_at {
+                if at > now_millis() + 50 {
+                    // Re-scheduled later by someone else; that entry will come.
+                    continue;
+                }
+            }
+            match m.start(&id, false) {
+                Ok(r) => tracing::info!("VM {}: restarted (pid {:?})", r.name, r.runtime.pid),
+                Err(e) => tracing::warn!("restarting VM {id}: {e}"),
+            }
+        }
+    }
+}

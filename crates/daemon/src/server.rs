@@ -1,0 +1,142 @@
+//! `ferrovisor daemon`: opens the store, re-adopts the VMMs that survived the previous daemon,
+//! serves the API on its Unix socket until SIGTERM/SIGINT. Stopping the daemon never stops a
+//! guest: VMMs run in sessions of their own, and the next daemon adopts them.
+
+use crate::api::{bind_socket, serve_with_shutdown, ApiConfig, AppState};
+use crate::manager::{Manager, ManagerConfig};
+use crate::store::Store;
+use std::ffi::CString;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Default API socket.
+pub const DEFAULT_SOCKET: &str = "/run/ferrovisor/api.sock";
+/// Default state directory.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/ferrovisor";
+
+/// How the daemon runs.
+#[derive(Clone, Debug)]
+pub struct DaemonOptions {
+    /// The API socket.
+    pub socket: PathBuf,
+    /// The state directory (store, VM run directories).
+    pub state_dir: PathBuf,
+    /// The group that may use the API socket (name or numeric id).
+    pub group: Option<String>,
+    /// The KVM device.
+    pub kvm: PathBuf,
+    /// The binary started for each VM (`ferrovisor run`); default: this executable.
+    pub vmm_binary: Option<PathBuf>,
+    /// How long a VMM gets to answer on its control socket at start.
+    pub ready_timeout: Duration,
+}
+
+/// Why the daemon could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The store could not be opened.
+    #[error(transparent)]
+    Store(#[from] crate::error::StoreError),
+    /// A file, socket or thread failed.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// A bad option.
+    #[error("{0}")]
+    Usage(String),
+    /// Recovery failed.
+    #[error("re-adopting VMs: {0}")]
+    Recover(#[from] crate::manager::OpError),
+}
+
+/// Resolves a group name or number.
+pub fn resolve_group(group: &str) -> Result<u32, DaemonError> {
+    if let Ok(gid) = group.parse::<u32>() {
+        return Ok(gid);
+    }
+    let name = CString::new(group)
+        .map_err(|_| DaemonError::Usage(format!("--group {group:?}: not a group name")))?;
+    // SAFETY: getgrnam reads a NUL-terminated string and returns a pointer to static storage
+    // (or null); we read gr_gid at once, before any other call could overwrite it.
+    let gr = unsafe { libc::getgrnam(name.as_ptr()) };
+    if gr.is_null() {
+        return Err(DaemonError::Usage(format!(
+            "--group {group}: no such group (create it with `groupadd {group}`)"
+        )));
+    }
+    // SAFETY: non-null pointer to a valid struct group, as above.
+    Ok(unsafe { (*gr).gr_gid })
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
+    let gid = opts.group.as_deref().map(resolve_group).transpose()?;
+    let binary = match &opts.vmm_binary {
+        Some(b) => b.clone(),
+        None => std::env::current_exe()?,
+    };
+    let store = Arc::new(Store::open(&opts.state_dir)?);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("fv-api")
+        .enable_all()
+        .build()?;
+    let changed = Arc::new(tokio::sync::Notify::new());
+    let manager = Manager::new(
+        store,
+        ManagerConfig {
+            binary,
+            run_dir: opts.state_dir.join("vms"),
+            ready_timeout: opts.ready_timeout,
+        },
+        rt.handle().clone(),
+        changed.clone(),
+    )?;
+    // Outside the runtime: recovery takes VM locks the blocking way.
+    let adopted = manager.recover()?;
+    tracing::info!("re-adopted {adopted} running VMM(s)");
+    if let Some(dir) = opts.socket.parent() {
+        if !dir.as_os_str().is_empty() && !dir.exists() {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                std::io::Error::new(e.kind(), format!("{}: {e}", dir.display()))
+            })?;
+        }
+    }
+    let state = AppState::new(
+        manager,
+        changed,
+        ApiConfig {
+            state_dir: opts.state_dir.clone(),
+            kvm_path: opts.kvm.clone(),
+        },
+    );
+    let socket = opts.socket.clone();
+    let result = rt.block_on(async move {
+        let listener = bind_socket(&socket, gid)?;
+        eprintln!(
+            "ferrovisor daemon: serving on {} (state in {})",
+            socket.display(),
+            opts.state_dir.display()
+        );
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve_with_shutdown(listener, state, async {
+            let _ = stop_rx.await;
+        }));
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        eprintln!("ferrovisor daemon: stopping (VMs keep running)");
+        let _ = stop_tx.send(());
+        // Event streams and consoles never end by themselves: give requests in flight a
+        // moment, then go.
+        let _ = tokio::time::timeout(Duration::from_secs(3), server).await;
+        let _ = std::fs::remove_file(&socket);
+        Ok::<(), DaemonError>(())
+    });
+    // Long requests (a 30 s shutdown) may still hold the runtime: do not wait for them.
+    rt.shutdown_timeout(Duration::from_secs(1));
+    result
+}
