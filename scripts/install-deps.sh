@@ -17,6 +17,9 @@ have timeout || need+=(coreutils)
 have socat || need+=(socat)        # vsock tests: the host and guest ends
 have debugfs || need+=(e2fsprogs)  # block tests: files read back from a guest's ext2 image
 have ip || need+=(iproute2)        # net tests
+have promtool || need+=(prometheus) # daemon tests: /metrics checked with `promtool check metrics`
+python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)  # schemathesis (scripts/api-fuzz.sh)
+have curl || need+=(curl)
 [ -e /usr/share/qemu/bios-microvm.bin ] || need+=(qemu-system-data)
 [ -e /usr/share/seabios/bios-256k.bin ] || need+=(seabios)
 

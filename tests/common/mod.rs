@@ -2,7 +2,10 @@
 //! running a command with a timeout (a test never hangs).
 #![allow(dead_code)]
 
+pub mod daemon;
 pub mod firmware;
+#[path = "../../crates/daemon/tests/http/mod.rs"]
+pub mod http;
 pub mod lab;
 
 use std::io::Read;

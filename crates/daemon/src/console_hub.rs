@@ -8,6 +8,8 @@
 //! stalls the guest) and forwards their input.
 
 use std::collections::VecDeque;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -16,6 +18,9 @@ use tokio::sync::{broadcast, mpsc};
 
 /// Bytes of console output kept for clients that attach later.
 pub const HISTORY: usize = 64 * 1024;
+
+/// A console log larger than this is cut down to its last [`HISTORY`] bytes when a hub starts.
+const LOG_MAX: u64 = 4 * 1024 * 1024;
 
 /// How long the hub keeps trying to connect to a fresh VMM's console socket.
 const CONNECT_FOR: Duration = Duration::from_secs(10);
@@ -41,13 +46,36 @@ pub struct Attachment {
 }
 
 impl ConsoleHub {
-    /// Starts a hub on the console socket at `path` (on `rt`).
-    pub fn spawn(rt: &tokio::runtime::Handle, path: &Path) -> ConsoleHub {
-        let history = Arc::new(Mutex::new(VecDeque::with_capacity(HISTORY)));
+    /// Starts a hub on the console socket at `path` (on `rt`). Output is also appended to
+    /// `log` (the VM's `console.log`), whose tail seeds the history: a re-adopted VM's console
+    /// still shows what its guest wrote before the daemon restarted.
+    pub fn spawn(rt: &tokio::runtime::Handle, path: &Path, log: &Path) -> ConsoleHub {
+        let mut seed = tail(log, HISTORY as u64);
+        // Keep the log bounded: rewrite it with its tail once it is large.
+        if std::fs::metadata(log).is_ok_and(|m| m.len() > LOG_MAX) {
+            let _ = std::fs::write(log, &seed);
+        }
+        if seed.len() > HISTORY {
+            seed.drain(..seed.len() - HISTORY);
+        }
+        let history = Arc::new(Mutex::new(VecDeque::from(seed)));
         let (output, _) = broadcast::channel(256);
         let (input, input_rx) = mpsc::channel(64);
         let weak = output.downgrade();
-        let task = rt.spawn(pump(path.to_path_buf(), history.clone(), output, input_rx));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(log)
+            .map_err(|e| tracing::warn!("console log {}: {e}", log.display()))
+            .ok();
+        let task = rt.spawn(pump(
+            path.to_path_buf(),
+            history.clone(),
+            output,
+            input_rx,
+            log,
+        ));
         ConsoleHub {
             history,
             output: weak,
@@ -99,11 +127,25 @@ async fn connect(path: &Path) -> Option<tokio::net::UnixStream> {
     }
 }
 
+/// The last `n` bytes of the file at `path` (empty when it cannot be read).
+fn tail(path: &Path, n: u64) -> Vec<u8> {
+    let read = || -> std::io::Result<Vec<u8>> {
+        let mut f = std::fs::File::open(path)?;
+        let len = f.metadata()?.len();
+        f.seek(SeekFrom::Start(len.saturating_sub(n)))?;
+        let mut v = Vec::new();
+        f.take(n).read_to_end(&mut v)?;
+        Ok(v)
+    };
+    read().unwrap_or_default()
+}
+
 async fn pump(
     path: PathBuf,
     history: Arc<Mutex<VecDeque<u8>>>,
     output: broadcast::Sender<Vec<u8>>,
     mut input: mpsc::Receiver<Vec<u8>>,
+    mut log: Option<std::fs::File>,
 ) {
     let Some(stream) = connect(&path).await else {
         return;
@@ -118,6 +160,12 @@ async fn pump(
                     Ok(n) => n,
                 };
                 let chunk = &buf[..n];
+                if let Some(f) = log.as_mut() {
+                    // Small appends to a local file; a failing disk only loses the log.
+                    if f.write_all(chunk).is_err() {
+                        log = None;
+                    }
+                }
                 {
                     let mut h = history.lock().unwrap_or_else(PoisonError::into_inner);
                     h.extend(chunk.iter().copied());
@@ -139,7 +187,6 @@ async fn pump(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::{Read, Write};
 
     #[test]
     fn history_fan_out_and_input() {
@@ -153,7 +200,7 @@ mod tests {
             .enable_all()
             .build()
             .expect("runtime");
-        let hub = ConsoleHub::spawn(rt.handle(), &sock);
+        let hub = ConsoleHub::spawn(rt.handle(), &sock, &dir.join("console.log"));
         let (mut vmm, _) = listener.accept().expect("hub connects");
         // More than the history holds: only the last HISTORY bytes stay.
         let big: Vec<u8> = (0..HISTORY + 1000).map(|i| (i % 251) as u8).collect();
@@ -189,6 +236,11 @@ mod tests {
             Err(broadcast::error::RecvError::Closed)
         ));
         drop(hub);
+        // Everything went to the log too; a new hub starts from its tail.
+        let log = std::fs::read(dir.join("console.log")).expect("log");
+        assert_eq!(log.len(), big.len() + 4);
+        let hub = ConsoleHub::spawn(rt.handle(), &sock, &dir.join("console.log"));
+        assert_eq!(hub.attach().history.as_slice(), &log[log.len() - HISTORY..]);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -126,9 +126,14 @@ pub enum LaunchError {
         /// Why.
         source: std::io::Error,
     },
-    /// The VMM exited before its control socket answered.
+    /// The VMM exited before its control socket answered (it failed, or its guest ended at
+    /// once: its exit report in the run directory says which).
     #[error("the VMM exited during start-up ({status}): {log_tail}")]
     Exited {
+        /// Its pid (reaped).
+        pid: u32,
+        /// Its start time (see [`Launched::start_time`]).
+        start_time: u64,
         /// How it exited.
         status: std::process::ExitStatus,
         /// The end of what it wrote to `vmm.log` during this launch.
@@ -284,6 +289,8 @@ pub fn launch(spec: &LaunchSpec) -> Result<Launched, LaunchError> {
         match child.try_wait() {
             Ok(Some(status)) => {
                 return Err(LaunchError::Exited {
+                    pid,
+                    start_time,
                     status,
                     log_tail: log_tail(&paths.log, log_start),
                 })

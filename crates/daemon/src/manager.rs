@@ -19,7 +19,8 @@
 
 use crate::console_hub::{Attachment, ConsoleHub};
 use crate::error::StoreError;
-use crate::launcher::{self, control_answers, LaunchSpec, VmPaths};
+use crate::launcher::{self, control_answers, LaunchError, LaunchSpec, VmPaths};
+use std::os::unix::process::ExitStatusExt;
 use crate::store::{now_millis, DesiredState, Store, VmRecord, VmState};
 use crate::supervisor::{
     is_crash, restart_decision, ExitKind, ExitNotice, ExitReport, ExitStatusKind, Supervisor,
@@ -326,7 +327,8 @@ impl Manager {
     }
 
     fn spawn_console(&self, id: &str, socket: &Path) {
-        let hub = ConsoleHub::spawn(&self.inner.rt, socket);
+        let log = self.vm_paths(id).dir.join("console.log");
+        let hub = ConsoleHub::spawn(&self.inner.rt, socket, &log);
         lock(&self.inner.consoles).insert(id.to_string(), hub);
     }
 
@@ -367,6 +369,36 @@ impl Manager {
         let launched = launcher::launch(&spec);
         let l = match launched {
             Ok(l) => l,
+            Err(LaunchError::Exited {
+                pid,
+                start_time,
+                status,
+                ..
+            }) if ExitReport::read(&paths.exit_report)
+                .ok()
+                .flatten()
+                .is_some_and(|r| r.reason != ExitKind::Error) =>
+            {
+                // The guest ran and ended before the control socket was even polled (a
+                // power-off at once, a panic): a start followed by an exit, not a failure.
+                let report = ExitReport::read(&paths.exit_report).ok().flatten();
+                let status = match (status.code(), status.signal()) {
+                    (Some(c), _) => ExitStatusKind::Exited(c),
+                    (None, Some(s)) => ExitStatusKind::Signaled(s),
+                    _ => ExitStatusKind::Unknown,
+                };
+                store.set_running(id, pid, start_time, &paths.control, None)?;
+                let notice = ExitNotice {
+                    vm_id: id.to_string(),
+                    pid,
+                    status,
+                    crashed: is_crash(status, report.as_ref(), false),
+                    report,
+                    stop_requested: false,
+                };
+                handle_exit(&self.inner, &notice, Some("right after it started"));
+                return Ok(store.get(id)?);
+            }
             Err(e) => {
                 let reason = e.to_string();
                 if by_user {
@@ -486,8 +518,8 @@ impl Manager {
     /// off, then `stop`, then SIGKILL. Returns the VM once its VMM has ended.
     pub fn shutdown(&self, id: &str, timeout: Duration) -> Result<VmRecord, OpError> {
         let rec = self.inner.store.get(id)?;
-        if !matches!(rec.runtime.state, VmState::Running | VmState::Paused) {
-            return Err(conflict(&rec, "shut it down (it is not running)"));
+        if let Some(r) = self.stop_wanting(&rec, "shut it down (it is not running)")? {
+            return Ok(r);
         }
         let rec = self.begin_stop(&rec, DesiredState::Stopped)?;
         if let Some(control) = &rec.runtime.control_socket {
@@ -508,11 +540,35 @@ impl Manager {
         self.finish_stop(&rec)
     }
 
+    /// For a stop of a VM that is not running: when it is down but wanted running (a restart
+    /// by its policy is pending), the stop means "stop wanting it" and cancels the restart
+    /// (`Ok(Some)`); when it is down and wanted down, the stop is refused. `Ok(None)`: it runs.
+    fn stop_wanting(
+        &self,
+        rec: &VmRecord,
+        refusal: &'static str,
+    ) -> Result<Option<VmRecord>, OpError> {
+        match rec.runtime.state {
+            VmState::Running | VmState::Paused => Ok(None),
+            VmState::Created | VmState::Crashed | VmState::Exited | VmState::Stopped
+                if rec.desired_state == DesiredState::Running =>
+            {
+                let r = self
+                    .inner
+                    .store
+                    .set_desired(rec.id.as_str(), DesiredState::Stopped)?;
+                self.changed();
+                Ok(Some(r))
+            }
+            _ => Err(conflict(rec, refusal)),
+        }
+    }
+
     /// Kills VM `id`'s VMM (SIGKILL) and returns once its end is recorded.
     pub fn kill(&self, id: &str) -> Result<VmRecord, OpError> {
         let rec = self.inner.store.get(id)?;
-        if !matches!(rec.runtime.state, VmState::Running | VmState::Paused) {
-            return Err(conflict(&rec, "kill it (it is not running)"));
+        if let Some(r) = self.stop_wanting(&rec, "kill it (it is not running)")? {
+            return Ok(r);
         }
         let rec = self.begin_stop(&rec, DesiredState::Stopped)?;
         Self::kill_vmm(&rec);

@@ -18,7 +18,40 @@ pub const ESCAPE: u8 = 0x01;
 /// Ctrl-C: on a terminal it stops the VM, like SIGINT would in cooked mode.
 pub const CTRL_C: u8 = 0x03;
 
-type SharedStream = Arc<Mutex<Option<UnixStream>>>;
+/// Output kept while no socket client is connected (the guest's early boot messages, for the
+/// first client, e.g. the host daemon's console hub).
+pub const SOCKET_BACKLOG: usize = 64 * 1024;
+
+/// How long a write to a socket client may block before the client is dropped (a client that
+/// stops reading must not stall the vCPU writing to the UART).
+const SOCKET_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The socket backend's client and the output kept while there is none.
+#[derive(Default)]
+struct SocketOut {
+    client: Option<UnixStream>,
+    backlog: std::collections::VecDeque<u8>,
+}
+
+impl SocketOut {
+    fn keep(&mut self, buf: &[u8]) {
+        self.backlog.extend(buf.iter().copied());
+        let excess = self.backlog.len().saturating_sub(SOCKET_BACKLOG);
+        self.backlog.drain(..excess);
+    }
+
+    /// A new client: it gets the backlog first.
+    fn connect(&mut self, mut client: UnixStream) {
+        let _ = client.set_write_timeout(Some(SOCKET_WRITE_TIMEOUT));
+        let (a, b) = self.backlog.as_slices();
+        if client.write_all(a).and_then(|_| client.write_all(b)).is_ok() {
+            self.backlog.clear();
+            self.client = Some(client);
+        }
+    }
+}
+
+type SharedStream = Arc<Mutex<SocketOut>>;
 
 /// The output half, handed to the UART.
 enum Output {
@@ -39,11 +72,15 @@ impl Write for Output {
             Output::File(f) => f.write_all(buf)?,
             Output::Socket(s) => {
                 let mut guard = s.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some(stream) = guard.as_mut() {
-                    if stream.write_all(buf).is_err() {
-                        // The client went away: drop it; output is discarded until the next.
-                        *guard = None;
-                    }
+                let sent = match guard.client.as_mut() {
+                    Some(stream) => stream.write_all(buf).is_ok(),
+                    None => false,
+                };
+                if !sent {
+                    // No client, or it went away (or stopped reading): keep the output for
+                    // the next one.
+                    guard.client = None;
+                    guard.keep(buf);
                 }
             }
             Output::Null => {}
@@ -94,7 +131,7 @@ impl Console {
             config: config.clone(),
             output: None,
             listener: None,
-            socket_stream: Arc::new(Mutex::new(None)),
+            socket_stream: Arc::new(Mutex::new(SocketOut::default())),
             raw: None,
             socket_path: None,
         };
@@ -162,10 +199,13 @@ impl Console {
                             let Ok(reader) = client.try_clone() else {
                                 continue;
                             };
-                            *shared.lock().unwrap_or_else(|e| e.into_inner()) = Some(client);
+                            shared
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .connect(client);
                             // One client at a time: serve it until it hangs up.
                             pump(reader, &serial, None);
-                            *shared.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                            shared.lock().unwrap_or_else(|e| e.into_inner()).client = None;
                         }
                     })?;
                 }

@@ -7,9 +7,12 @@ use api::ApiError;
 use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
+use std::collections::HashMap;
 use std::fmt::Write;
 
-/// VM counts by state, per-VM up/restarts, capacity in use, host size, events logged.
+/// VM counts by state, per-VM up/restarts/state, capacity in use, host size, events logged;
+/// for each running VM: uptime, memory, RSS, vCPU exits by reason and vCPU time, device
+/// counters.
 #[utoipa::path(
     get,
     path = "/metrics",
@@ -92,6 +95,20 @@ pub async fn metrics(State(st): State<AppState>) -> Result<impl IntoResponse, Fa
             v.name, v.id
         );
     }
+    // Per-VM counters from the running VMMs (their control sockets and /proc); a VMM that
+    // does not answer is left out of this scrape.
+    let m = st.manager().clone();
+    let live: Vec<String> = vms
+        .iter()
+        .filter(|v| v.runtime.state.is_live())
+        .map(|v| v.id.to_string())
+        .collect();
+    let stats: Vec<api::VmStats> = tokio::task::spawn_blocking(move || {
+        live.iter().filter_map(|id| m.stats(id).ok()).collect()
+    })
+    .await
+    .map_err(|e| Failure::internal(format!("metrics: {e}")))?;
+    vm_families(&mut out, &vms, &stats);
     Ok((
         [(
             header::CONTENT_TYPE,
@@ -99,6 +116,135 @@ pub async fn metrics(State(st): State<AppState>) -> Result<impl IntoResponse, Fa
         )],
         out,
     ))
+}
+
+/// Samples grouped by metric family (the text format wants each family's samples together,
+/// after its HELP and TYPE).
+#[derive(Default)]
+struct Families {
+    order: Vec<String>,
+    families: HashMap<String, (&'static str, String, Vec<String>)>,
+}
+
+impl Families {
+    fn add(&mut self, name: &str, kind: &'static str, help: &str, labels: &str, value: String) {
+        let entry = self.families.entry(name.to_string()).or_insert_with(|| {
+            self.order.push(name.to_string());
+            (kind, help.to_string(), Vec::new())
+        });
+        entry.2.push(format!("{name}{{{labels}}} {value}"));
+    }
+
+    fn write(self, out: &mut String) {
+        let mut families = self.families;
+        for name in self.order {
+            if let Some((kind, help, samples)) = families.remove(&name) {
+                family(out, &name, kind, &help);
+                for s in samples {
+                    let _ = writeln!(out, "{s}");
+                }
+            }
+        }
+    }
+}
+
+/// A metric name part from a counter name: `[a-z0-9_]` only.
+fn metric_part(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// Escapes a label value (`\`, `"`, newline).
+fn label(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn vm_families(out: &mut String, vms: &[crate::store::VmRecord], stats: &[api::VmStats]) {
+    let mut f = Families::default();
+    for v in vms {
+        for state in VmState::ALL {
+            let on = u8::from(v.runtime.state == *state);
+            f.add(
+                "ferrovisor_vm_state",
+                "gauge",
+                "1 for the state the VM is in, 0 for the others.",
+                &format!("vm=\"{}\",id=\"{}\",state=\"{state}\"", label(&v.name), v.id),
+                on.to_string(),
+            );
+        }
+    }
+    for s in stats {
+        let vm = format!("vm=\"{}\",id=\"{}\"", label(&s.name), s.id);
+        f.add(
+            "ferrovisor_vm_uptime_seconds",
+            "gauge",
+            "Seconds since the VM's VMM started.",
+            &vm,
+            format!("{:.3}", s.uptime_ms as f64 / 1000.0),
+        );
+        f.add(
+            "ferrovisor_vm_memory_bytes",
+            "gauge",
+            "Guest memory configured.",
+            &vm,
+            s.memory_bytes.to_string(),
+        );
+        if let Some(rss) = s.rss_bytes {
+            f.add(
+                "ferrovisor_vm_rss_bytes",
+                "gauge",
+                "Resident memory of the VM's VMM process (guest pages it touched included).",
+                &vm,
+                rss.to_string(),
+            );
+        }
+        for c in &s.vcpus {
+            let vcpu = format!("{vm},vcpu=\"{}\"", c.vcpu);
+            for (reason, n) in c.exits.iter().filter(|(k, _)| k.as_str() != "total") {
+                f.add(
+                    "ferrovisor_vm_vcpu_exits_total",
+                    "counter",
+                    "KVM exits of a vCPU, by reason.",
+                    &format!("{vcpu},reason=\"{}\"", label(reason)),
+                    n.to_string(),
+                );
+            }
+            if let Some(ms) = c.cpu_time_ms {
+                f.add(
+                    "ferrovisor_vm_vcpu_seconds_total",
+                    "counter",
+                    "CPU time of a vCPU thread (user + system).",
+                    &vcpu,
+                    format!("{:.3}", ms as f64 / 1000.0),
+                );
+            }
+        }
+        for d in &s.devices {
+            let kind = metric_part(&d.kind);
+            let dev = format!("{vm},device=\"{}\"", label(&d.id));
+            for (counter, n) in &d.counters {
+                let c = metric_part(counter);
+                let c = c.strip_suffix("_total").unwrap_or(&c);
+                f.add(
+                    &format!("ferrovisor_vm_{kind}_{c}_total"),
+                    "counter",
+                    &format!("The {} device counter {counter}.", d.kind),
+                    &dev,
+                    n.to_string(),
+                );
+            }
+        }
+    }
+    f.write(out);
 }
 
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
