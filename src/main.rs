@@ -77,6 +77,10 @@ struct DaemonArgs {
     /// Seconds a new VMM gets to come up (its control socket answering).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
     ready_timeout: u64,
+    /// The cgroup v2 directory VMs get their cgroups under (default: `ferrovisor/` at the root,
+    /// or `vms/` beside the daemon's own delegated cgroup).
+    #[arg(long, value_name = "PATH")]
+    cgroup_parent: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -363,6 +367,7 @@ fn run_daemon(args: &DaemonArgs) -> anyhow::Result<u8> {
         kvm: args.kvm.clone(),
         vmm_binary: None,
         ready_timeout: std::time::Duration::from_secs(args.ready_timeout),
+        cgroup_parent: args.cgroup_parent.clone(),
     };
     daemon::server::run(&opts).context("ferrovisor daemon")?;
     Ok(0)

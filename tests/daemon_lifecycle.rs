@@ -79,7 +79,11 @@ fn lifecycle_console_stats_pause_shutdown_kill_reboot_delete() {
     let pid = pid_of(&v);
     assert!(alive(pid));
     assert!(v["uptime_ms"].is_u64());
-    assert_eq!(d.post("/v1/vms/t1/start", "").status, 409, "already running");
+    assert_eq!(
+        d.post("/v1/vms/t1/start", "").status,
+        409,
+        "already running"
+    );
 
     // The console: history first ("ready"), then an echo through the guest's UART.
     let mut con = d.console("t1");
@@ -158,12 +162,20 @@ fn supervision_restart_policies_and_guest_exits() {
     let dir = scratch("dsup");
     let d = Daemon::start(&dir);
     let idle = idle_fw(&dir);
-    let off = write_firmware(&dir, "off.bin", &Program::new().print("bye\n").poweroff().build());
+    let off = write_firmware(
+        &dir,
+        "off.bin",
+        &Program::new().print("bye\n").poweroff().build(),
+    );
     let panic = write_firmware(&dir, "panic.bin", &Program::new().panic().build());
 
     // on-failure: a VMM killed with SIGKILL is noticed, marked crashed with the reason, and
     // started again.
-    let v = d.post_ok("/v1/vms", &create_body("onf", &idle, "on-failure", true), 201);
+    let v = d.post_ok(
+        "/v1/vms",
+        &create_body("onf", &idle, "on-failure", true),
+        201,
+    );
     assert_eq!(v["state"], "running", "{v}");
     let id = v["id"].as_str().expect("id").to_string();
     let pid = pid_of(&v);
@@ -172,12 +184,24 @@ fn supervision_restart_policies_and_guest_exits() {
         v["state"] == "running" && v["pid"].as_u64().is_some_and(|p| p != u64::from(pid))
     });
     assert_eq!(v["restart_count"], 1, "{v}");
-    assert!(v["last_exit_reason"]
-        .as_str()
-        .is_some_and(|r| r.contains("SIGKILL")), "{v}");
+    assert!(
+        v["last_exit_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("SIGKILL")),
+        "{v}"
+    );
     let ev = d.events(&id);
-    let crashed = ev.iter().find(|e| e["kind"] == "crashed").expect("crashed event");
-    assert!(crashed["detail"]["reason"].as_str().unwrap_or("").contains("signal 9"), "{crashed}");
+    let crashed = ev
+        .iter()
+        .find(|e| e["kind"] == "crashed")
+        .expect("crashed event");
+    assert!(
+        crashed["detail"]["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("signal 9"),
+        "{crashed}"
+    );
     assert!(ev.iter().any(|e| e["kind"] == "restarted"));
 
     // never: stays crashed.
@@ -189,14 +213,23 @@ fn supervision_restart_policies_and_guest_exits() {
     assert_eq!(d.vm("nev")["restart_count"], 0);
 
     // A guest power-off is an exit, not a crash: on-failure leaves it, always restarts it.
-    d.post_ok("/v1/vms", &create_body("off1", &off, "on-failure", true), 201);
+    d.post_ok(
+        "/v1/vms",
+        &create_body("off1", &off, "on-failure", true),
+        201,
+    );
     let v = d.wait_vm("off1", "exited", |v| v["state"] == "exited");
     assert_eq!(v["last_exit_code"], 0, "{v}");
-    assert!(v["last_exit_reason"]
-        .as_str()
-        .is_some_and(|r| r.contains("powered off")), "{v}");
+    assert!(
+        v["last_exit_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("powered off")),
+        "{v}"
+    );
     d.post_ok("/v1/vms", &create_body("off2", &off, "always", true), 201);
-    d.wait_vm("off2", "restarted twice", |v| v["restart_count"].as_u64() >= Some(2));
+    d.wait_vm("off2", "restarted twice", |v| {
+        v["restart_count"].as_u64() >= Some(2)
+    });
     // Down between two restarts: a stop means "stop wanting it" and cancels the restart.
     d.post_ok("/v1/vms/off2/kill", "", 200);
     // A stopped VM is not restarted even by `always` (the user stopped it).
@@ -213,9 +246,12 @@ fn supervision_restart_policies_and_guest_exits() {
     // A guest panic is a crash with its reason.
     d.post_ok("/v1/vms", &create_body("pan", &panic, "never", true), 201);
     let v = d.wait_vm("pan", "crashed", |v| v["state"] == "crashed");
-    assert!(v["last_exit_reason"]
-        .as_str()
-        .is_some_and(|r| r.contains("panicked")), "{v}");
+    assert!(
+        v["last_exit_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("panicked")),
+        "{v}"
+    );
     assert_eq!(v["last_exit_code"], 3);
 }
 
@@ -272,9 +308,12 @@ fn daemon_restart_readopts_running_vms() {
     let v = d.wait_vm("c", "restarted after dying unwatched", |v| {
         v["state"] == "running" && v["pid"].as_u64().is_some_and(|p| p != u64::from(pc))
     });
-    assert!(v["last_exit_reason"]
-        .as_str()
-        .is_some_and(|r| r.contains("while the daemon was not running")), "{v}");
+    assert!(
+        v["last_exit_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("while the daemon was not running")),
+        "{v}"
+    );
 
     // A second daemon on the same state directory is refused.
     let out = run(
@@ -290,7 +329,11 @@ fn daemon_restart_readopts_running_vms() {
         Duration::from_secs(20),
     );
     assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
-    assert!(out.stderr.contains("in use by another ferrovisor daemon"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("in use by another ferrovisor daemon"),
+        "{}",
+        out.stderr
+    );
 }
 
 #[test]

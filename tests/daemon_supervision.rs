@@ -5,13 +5,13 @@
 
 mod common;
 
-use common::firmware::Program;
-use common::*;
-use daemon::launcher::{launch, proc_start_time, proc_state, LaunchError, LaunchSpec, Launched};
-use daemon::supervisor::{
+use ::daemon::launcher::{launch, proc_start_time, proc_state, LaunchError, LaunchSpec, Launched};
+use ::daemon::supervisor::{
     check_adoptable, restart_decision, AdoptError, ExitKind, ExitNotice, ExitStatusKind,
     RestartPolicy, Supervisor,
 };
+use common::firmware::Program;
+use common::*;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;

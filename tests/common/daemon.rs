@@ -60,7 +60,11 @@ impl Daemon {
                     panic!("daemon exited at start ({status}): {}", self.log());
                 }
             }
-            assert!(Instant::now() < deadline, "daemon never answered: {}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "daemon never answered: {}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -116,7 +120,13 @@ impl Daemon {
     /// `POST path` that must answer `status`; returns the JSON.
     pub fn post_ok(&self, path: &str, body: &str, status: u16) -> Value {
         let r = self.post(path, body);
-        assert_eq!(r.status, status, "POST {path}: {}\n{}", r.text(), self.log());
+        assert_eq!(
+            r.status,
+            status,
+            "POST {path}: {}\n{}",
+            r.text(),
+            self.log()
+        );
         r.json()
     }
 
@@ -178,7 +188,12 @@ impl Daemon {
         let mut b = [0u8; 1];
         while !head.ends_with(b"\r\n\r\n") {
             let n = s.read(&mut b).expect("read head");
-            assert_eq!(n, 1, "closed during the head: {}", String::from_utf8_lossy(&head));
+            assert_eq!(
+                n,
+                1,
+                "closed during the head: {}",
+                String::from_utf8_lossy(&head)
+            );
             head.push(b[0]);
         }
         let head = String::from_utf8_lossy(&head).to_lowercase();

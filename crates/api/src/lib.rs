@@ -176,10 +176,30 @@ pub struct VmStats {
     pub vcpus: Vec<VcpuStats>,
     /// Per virtio device: its counters.
     pub devices: Vec<DeviceStats>,
+    /// The VM's cgroup counters, when it has a cgroup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<CgroupUsage>,
     /// The balloon, when the VM has one (target, actual, the guest's memory statistics).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub balloon: Option<Value>,
+}
+
+/// A VM cgroup's counters (what its limits are measured against).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct CgroupUsage {
+    /// `memory.current`: bytes charged to the VMM (guest RAM it touched included).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+    /// `cpu.stat` `usage_usec`: CPU time of all its threads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_usage_usec: Option<u64>,
+    /// `pids.current`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids: Option<u64>,
+    /// `memory.events` `oom_kill`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oom_kills: Option<u64>,
 }
 
 /// One vCPU's counters.
@@ -292,6 +312,21 @@ pub struct Capacity {
     pub memory_bytes: u64,
 }
 
+/// Whether VM resource limits (cgroups v2) can be applied on this host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct CgroupInfo {
+    /// Whether VMs get cgroups (limits and accounting).
+    pub available: bool,
+    /// The directory under which each VM gets its cgroup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// The controllers limits can use (`cpu`, `memory`, `pids`).
+    pub controllers: Vec<String>,
+    /// Why limits (or some of them) cannot be applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
 /// `GET /v1/host`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct HostInfo {
@@ -317,6 +352,8 @@ pub struct HostInfo {
     pub vms: u32,
     /// What the VMs that may be running take.
     pub in_use: Capacity,
+    /// Per-VM resource limits (cgroups v2): available or why not.
+    pub cgroups: CgroupInfo,
 }
 
 /// One entry of the daemon's event log.

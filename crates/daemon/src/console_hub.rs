@@ -216,9 +216,8 @@ mod tests {
         assert_eq!(a.history.as_slice(), &big[big.len() - HISTORY..]);
         let mut out = a.output;
         vmm.write_all(b"live").expect("write");
-        let got = rt.block_on(async {
-            tokio::time::timeout(Duration::from_secs(10), out.recv()).await
-        });
+        let got =
+            rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), out.recv()).await });
         assert_eq!(got.expect("in time").expect("open"), b"live");
         rt.block_on(a.input.send(b"typed".to_vec())).expect("send");
         let mut buf = [0u8; 5];
@@ -228,9 +227,8 @@ mod tests {
         assert_eq!(&buf, b"typed");
         // The VMM goes away: attached clients see the end.
         drop(vmm);
-        let end = rt.block_on(async {
-            tokio::time::timeout(Duration::from_secs(10), out.recv()).await
-        });
+        let end =
+            rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), out.recv()).await });
         assert!(matches!(
             end.expect("in time"),
             Err(broadcast::error::RecvError::Closed)

@@ -4,6 +4,7 @@
 #![deny(missing_docs)]
 
 pub mod api;
+pub mod cgroup;
 pub mod console_hub;
 pub mod error;
 pub mod launcher;

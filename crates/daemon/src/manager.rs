@@ -17,10 +17,10 @@
 //!   while no daemon watched, and re-schedules pending restarts. Guests keep running across a
 //!   daemon restart.
 
+use crate::cgroup::{check_without_cgroups, CgroupRoot, LimitError, Unavailable};
 use crate::console_hub::{Attachment, ConsoleHub};
 use crate::error::StoreError;
 use crate::launcher::{self, control_answers, LaunchError, LaunchSpec, VmPaths};
-use std::os::unix::process::ExitStatusExt;
 use crate::store::{now_millis, DesiredState, Store, VmRecord, VmState};
 use crate::supervisor::{
     is_crash, restart_decision, ExitKind, ExitNotice, ExitReport, ExitStatusKind, Supervisor,
@@ -28,6 +28,7 @@ use crate::supervisor::{
 use serde_json::{json, Value};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
@@ -50,6 +51,8 @@ pub struct ManagerConfig {
     pub run_dir: PathBuf,
     /// How long [`launcher::launch`] waits for a VMM's control socket.
     pub ready_timeout: Duration,
+    /// Where each VM's cgroup goes, or why there are none (limits are then refused).
+    pub cgroups: Result<CgroupRoot, Unavailable>,
 }
 
 /// Why an operation failed.
@@ -95,10 +98,13 @@ struct Inner {
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Bumped on every recorded exit; waiters re-read the store.
     exits: (Mutex<u64>, Condvar),
-    restarts: (Mutex<BinaryHeap<Reverse<(Instant, String)>>>, Condvar),
+    restarts: (Mutex<RestartQueue>, Condvar),
     consoles: Mutex<HashMap<String, ConsoleHub>>,
     changed: Arc<tokio::sync::Notify>,
 }
+
+/// Restarts due, earliest first: (when, VM id).
+type RestartQueue = BinaryHeap<Reverse<(Instant, String)>>;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -119,7 +125,9 @@ pub fn describe_exit(status: ExitStatusKind, report: Option<&ExitReport>) -> (St
         _ => report.map(|r| r.exit_code),
     };
     let text = match (status, report) {
-        (ExitStatusKind::Signaled(sig), _) => format!("killed by signal {sig} ({})", signal_name(sig)),
+        (ExitStatusKind::Signaled(sig), _) => {
+            format!("killed by signal {sig} ({})", signal_name(sig))
+        }
         (_, Some(r)) => {
             let what = match r.reason {
                 ExitKind::Poweroff => "the guest powered off".to_string(),
@@ -201,6 +209,29 @@ impl Manager {
     /// The store.
     pub fn store(&self) -> &Arc<Store> {
         &self.inner.store
+    }
+
+    /// Whether `resources` can be applied to a VM with `config` on this host.
+    pub fn check_resources(
+        &self,
+        resources: &api::Resources,
+        config: &vmm::VmConfig,
+    ) -> Result<(), LimitError> {
+        match &self.inner.cfg.cgroups {
+            Ok(root) => root.check(resources, config),
+            Err(why) => check_without_cgroups(resources, why),
+        }
+    }
+
+    /// The cgroup set-up: where VM cgroups go, or why there are none.
+    pub fn cgroups(&self) -> &Result<CgroupRoot, Unavailable> {
+        &self.inner.cfg.cgroups
+    }
+
+    /// The cgroup counters of VM `id`, when it has a cgroup.
+    pub fn cgroup_stats(&self, id: &str) -> Option<crate::cgroup::CgroupStats> {
+        let root = self.inner.cfg.cgroups.as_ref().ok()?;
+        root.open_existing(id).ok().flatten().map(|c| c.stats())
     }
 
     /// The run directory of VM `id`.
@@ -318,7 +349,11 @@ impl Manager {
             "VM {}: its VMM is gone ({why}); recording its end",
             rec.name
         );
-        handle_exit(&self.inner, &notice, Some("while the daemon was not running"));
+        handle_exit(
+            &self.inner,
+            &notice,
+            Some("while the daemon was not running"),
+        );
         Ok(())
     }
 
@@ -366,7 +401,39 @@ impl Manager {
             rec.config.clone(),
         );
         spec.ready_timeout = self.inner.cfg.ready_timeout;
-        let launched = launcher::launch(&spec);
+        // Its own cgroup (limits, accounting) whenever the host has cgroups v2; the VMM joins
+        // it before it execs.
+        let launched = match &self.inner.cfg.cgroups {
+            Ok(root) => match root.create(id, &rec.resources) {
+                Ok(cg) => {
+                    spec.cgroup_procs = Some(cg.procs_path());
+                    Ok(())
+                }
+                Err(e) if rec.resources.is_empty() => {
+                    tracing::warn!("VM {}: no cgroup ({e}); running it without", rec.name);
+                    Ok(())
+                }
+                Err(e) => Err(e.to_string()),
+            },
+            Err(why) if !rec.resources.is_empty() => {
+                Err(format!("its resource limits cannot be applied: {why}"))
+            }
+            Err(_) => Ok(()),
+        };
+        let launched = match launched {
+            Ok(()) => launcher::launch(&spec),
+            Err(reason) => {
+                if by_user {
+                    store.set_desired(id, DesiredState::Stopped)?;
+                }
+                store.set_exited(id, &format!("failed to start: {reason}"), None, true)?;
+                self.changed();
+                return Err(OpError::Launch {
+                    vm: rec.name,
+                    reason,
+                });
+            }
+        };
         let l = match launched {
             Ok(l) => l,
             Err(LaunchError::Exited {
@@ -652,6 +719,7 @@ impl Manager {
             }
         }
         let gone = self.inner.store.delete(id, false)?;
+        remove_cgroup(&self.inner, id);
         let dir = self.vm_paths(id).dir;
         if let Err(e) = std::fs::remove_dir_all(&dir) {
             if e.kind() != std::io::ErrorKind::NotFound {
@@ -670,7 +738,16 @@ impl Manager {
             return Err(conflict(&rec, "report its stats (it is not running)"));
         };
         let answer = self.control(&rec, "stats", &json!({"cmd": "stats"}))?;
-        Ok(stats_from(&rec, pid, &answer))
+        let mut stats = stats_from(&rec, pid, &answer);
+        stats.cgroup = self
+            .cgroup_stats(rec.id.as_str())
+            .map(|c| api::CgroupUsage {
+                memory_bytes: c.memory_current,
+                cpu_usage_usec: c.cpu_usage_usec,
+                pids: c.pids_current,
+                oom_kills: c.memory_events_oom_kill,
+            });
+        Ok(stats)
     }
 }
 
@@ -728,10 +805,7 @@ pub fn stats_from(rec: &VmRecord, pid: u32, answer: &Value) -> api::VmStats {
         name: rec.name.clone(),
         state: crate::api::api_state(rec.runtime.state),
         pid,
-        uptime_ms: answer
-            .get("uptime_ms")
-            .and_then(Value::as_u64)
-            .unwrap_or(0),
+        uptime_ms: answer.get("uptime_ms").and_then(Value::as_u64).unwrap_or(0),
         rss_bytes: answer
             .get("rss_bytes")
             .and_then(Value::as_u64)
@@ -739,6 +813,7 @@ pub fn stats_from(rec: &VmRecord, pid: u32, answer: &Value) -> api::VmStats {
         memory_bytes: rec.config.memory.0,
         vcpus,
         devices,
+        cgroup: None,
         balloon: answer.get("balloon").filter(|b| !b.is_null()).cloned(),
     }
 }
@@ -756,7 +831,9 @@ pub fn proc_rss(pid: u32) -> Option<u64> {
 pub fn vcpu_cpu_times(pid: u32) -> HashMap<u32, u64> {
     let mut out = HashMap::new();
     // SAFETY: sysconf has no memory effects.
-    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap_or(100).max(1);
+    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
+        .unwrap_or(100)
+        .max(1);
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return out;
     };
@@ -798,6 +875,7 @@ fn handle_exit(inner: &Arc<Inner>, notice: &ExitNotice, context: Option<&str>) {
         reason = format!("{reason} ({c})");
     }
     lock(&inner.consoles).remove(&notice.vm_id);
+    remove_cgroup(inner, &notice.vm_id);
     let rec = match inner
         .store
         .set_exited(&notice.vm_id, &reason, code, notice.crashed)
@@ -849,11 +927,23 @@ fn handle_exit(inner: &Arc<Inner>, notice: &ExitNotice, context: Option<&str>) {
     inner.changed.notify_waiters();
 }
 
+/// Removes VM `id`'s cgroup (its VMM has ended).
+fn remove_cgroup(inner: &Inner, id: &str) {
+    if let Ok(root) = &inner.cfg.cgroups {
+        if let Ok(Some(cg)) = root.open_existing(id) {
+            if let Err(e) = cg.remove() {
+                tracing::warn!("VM {id}: removing its cgroup: {e}");
+            }
+        }
+    }
+}
+
 /// A restart by policy failed to launch: try again after the crash back-off.
 fn schedule_after_failure(inner: &Arc<Inner>, id: &str) {
     let Ok(rec) = inner.store.get(id) else { return };
     let n = rec.runtime.restart_count.min(6);
-    let delay = (crate::supervisor::BACKOFF_START * (1u32 << n)).min(crate::supervisor::BACKOFF_MAX);
+    let delay =
+        (crate::supervisor::BACKOFF_START * (1u32 << n)).min(crate::supervisor::BACKOFF_MAX);
     let at = now_millis().saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX));
     if inner.store.schedule_restart(id, at).is_ok() {
         queue_restart(inner, id, at);
@@ -922,8 +1012,8 @@ fn restart_thread(weak: &Weak<Inner>) {
             };
             // Still wanted, still down, still scheduled (a user start or stop since then
             // cleared the schedule)?
-            let scheduled = rec.runtime.next_restart_at.is_some()
-                || rec.runtime.state == VmState::Created;
+            let scheduled =
+                rec.runtime.next_restart_at.is_some() || rec.runtime.state == VmState::Created;
             if rec.desired_state != DesiredState::Running
                 || rec.runtime.state.is_live()
                 || !scheduled

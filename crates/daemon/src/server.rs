@@ -3,6 +3,7 @@
 //! guest: VMMs run in sessions of their own, and the next daemon adopts them.
 
 use crate::api::{bind_socket, serve_with_shutdown, ApiConfig, AppState};
+use crate::cgroup::CgroupRoot;
 use crate::manager::{Manager, ManagerConfig};
 use crate::store::Store;
 use std::ffi::CString;
@@ -30,6 +31,9 @@ pub struct DaemonOptions {
     pub vmm_binary: Option<PathBuf>,
     /// How long a VMM gets to answer on its control socket at start.
     pub ready_timeout: Duration,
+    /// The cgroup v2 directory under which VMs get theirs (default: found from the daemon's
+    /// own cgroup, see [`CgroupRoot::detect`]).
+    pub cgroup_parent: Option<PathBuf>,
 }
 
 /// Why the daemon could not run.
@@ -81,6 +85,19 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
         .thread_name("fv-api")
         .enable_all()
         .build()?;
+    let cgroups = CgroupRoot::detect(opts.cgroup_parent.as_deref());
+    match &cgroups {
+        Ok(root) => {
+            tracing::info!("VM cgroups under {}", root.parent().display());
+            if let Some(missing) = root.missing_controllers() {
+                eprintln!("ferrovisor daemon: some VM limits cannot be applied: {missing}");
+            }
+        }
+        Err(why) => eprintln!(
+            "ferrovisor daemon: VM resource limits cannot be applied (VMs with limits will be \
+             refused): {why}"
+        ),
+    }
     let changed = Arc::new(tokio::sync::Notify::new());
     let manager = Manager::new(
         store,
@@ -88,6 +105,7 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
             binary,
             run_dir: opts.state_dir.join("vms"),
             ready_timeout: opts.ready_timeout,
+            cgroups,
         },
         rt.handle().clone(),
         changed.clone(),
@@ -97,9 +115,8 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
     tracing::info!("re-adopted {adopted} running VMM(s)");
     if let Some(dir) = opts.socket.parent() {
         if !dir.as_os_str().is_empty() && !dir.exists() {
-            std::fs::create_dir_all(dir).map_err(|e| {
-                std::io::Error::new(e.kind(), format!("{}: {e}", dir.display()))
-            })?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", dir.display())))?;
         }
     }
     let state = AppState::new(
@@ -122,8 +139,7 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
         let server = tokio::spawn(serve_with_shutdown(listener, state, async {
             let _ = stop_rx.await;
         }));
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             _ = term.recv() => {}
             _ = tokio::signal::ctrl_c() => {}

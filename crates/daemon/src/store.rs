@@ -743,11 +743,10 @@ impl Store {
         resources: &api::Resources,
     ) -> Result<VmRecord, StoreError> {
         validate_name(name)?;
-        let resources_json =
-            serde_json::to_string(resources).map_err(|e| StoreError::Invalid {
-                field: "resources",
-                reason: e.to_string(),
-            })?;
+        let resources_json = serde_json::to_string(resources).map_err(|e| StoreError::Invalid {
+            field: "resources",
+            reason: e.to_string(),
+        })?;
         let config_json = serde_json::to_string(config).map_err(|e| StoreError::Invalid {
             field: "config",
             reason: e.to_string(),

@@ -36,7 +36,10 @@ fn create_list_get_delete() {
     // VM stays defined, crashed with the reason, and wanted stopped (no restart loop).
     assert_eq!(r.json()["state"], "crashed", "{}", r.text());
     assert_eq!(r.json()["desired_state"], "stopped");
-    let reason = r.json()["last_exit_reason"].as_str().unwrap_or("").to_string();
+    let reason = r.json()["last_exit_reason"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
     assert!(reason.starts_with("failed to start"), "{reason}");
     assert_eq!(r.json()["config"]["memory"], "128M");
 
@@ -180,6 +183,39 @@ fn bad_input_is_refused_with_the_field_named_and_nothing_changed() {
                 .to_string(),
             400,
             "restart_policy",
+            "invalid_request",
+        ),
+        (
+            "cpu weight 0",
+            json!({ "name": "a", "config": cfg(json!({})), "resources": { "cpu_weight": 0 } })
+                .to_string(),
+            422,
+            "resources.cpu_weight",
+            "invalid_value",
+        ),
+        (
+            "memory cap below guest memory",
+            json!({ "name": "a", "config": cfg(json!({ "memory": "256M" })),
+                    "resources": { "memory_max": "128M" } })
+            .to_string(),
+            422,
+            "resources.memory_max",
+            "invalid_value",
+        ),
+        (
+            "limits on a host without cgroups (this server has none)",
+            json!({ "name": "a", "config": cfg(json!({})), "resources": { "pids_max": 100 } })
+                .to_string(),
+            422,
+            "resources.pids_max",
+            "invalid_value",
+        ),
+        (
+            "unknown resource",
+            json!({ "name": "a", "config": cfg(json!({})), "resources": { "io_weight": 1 } })
+                .to_string(),
+            400,
+            "resources.io_weight",
             "invalid_request",
         ),
         (

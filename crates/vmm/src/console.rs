@@ -44,7 +44,11 @@ impl SocketOut {
     fn connect(&mut self, mut client: UnixStream) {
         let _ = client.set_write_timeout(Some(SOCKET_WRITE_TIMEOUT));
         let (a, b) = self.backlog.as_slices();
-        if client.write_all(a).and_then(|_| client.write_all(b)).is_ok() {
+        if client
+            .write_all(a)
+            .and_then(|_| client.write_all(b))
+            .is_ok()
+        {
             self.backlog.clear();
             self.client = Some(client);
         }

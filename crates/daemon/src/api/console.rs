@@ -87,6 +87,8 @@ pub async fn console(
             return;
         }
         let mut buf = vec![0u8; 4096];
+        // A client that half-closes (its input ended) still gets the output.
+        let mut reading = true;
         loop {
             tokio::select! {
                 out = output.recv() => match out {
@@ -102,8 +104,9 @@ pub async fn console(
                         return;
                     }
                 },
-                n = rd.read(&mut buf) => match n {
-                    Ok(0) | Err(_) => return,
+                n = rd.read(&mut buf), if reading => match n {
+                    Ok(0) => reading = false,
+                    Err(_) => return,
                     Ok(n) => {
                         if input.send(buf[..n].to_vec()).await.is_err() {
                             return;

@@ -20,6 +20,24 @@ use vmm::kvm::KvmFlavour as Detected;
 )]
 pub async fn host_info(State(st): State<AppState>) -> Result<Json<HostInfo>, Failure> {
     let kvm_path = st.config().kvm_path.clone();
+    let cgroups = match st.manager().cgroups() {
+        Ok(root) => api::CgroupInfo {
+            available: true,
+            path: Some(root.parent().display().to_string()),
+            controllers: root
+                .controllers()
+                .iter()
+                .map(|c| c.name().to_string())
+                .collect(),
+            reason: root.missing_controllers().map(|u| u.to_string()),
+        },
+        Err(why) => api::CgroupInfo {
+            available: false,
+            path: None,
+            controllers: Vec::new(),
+            reason: Some(why.to_string()),
+        },
+    };
     st.blocking(move |s| {
         let vms = s.list()?;
         let (flavour, module) = match Detected::detect() {
@@ -47,6 +65,7 @@ pub async fn host_info(State(st): State<AppState>) -> Result<Json<HostInfo>, Fai
             memory_bytes: limits.host_memory,
             vms: u32::try_from(vms.len()).unwrap_or(u32::MAX),
             in_use,
+            cgroups,
         }))
     })
     .await

@@ -177,7 +177,11 @@ fn vm_families(out: &mut String, vms: &[crate::store::VmRecord], stats: &[api::V
                 "ferrovisor_vm_state",
                 "gauge",
                 "1 for the state the VM is in, 0 for the others.",
-                &format!("vm=\"{}\",id=\"{}\",state=\"{state}\"", label(&v.name), v.id),
+                &format!(
+                    "vm=\"{}\",id=\"{}\",state=\"{state}\"",
+                    label(&v.name),
+                    v.id
+                ),
                 on.to_string(),
             );
         }
@@ -206,6 +210,43 @@ fn vm_families(out: &mut String, vms: &[crate::store::VmRecord], stats: &[api::V
                 &vm,
                 rss.to_string(),
             );
+        }
+        if let Some(cg) = &s.cgroup {
+            let gauges = [
+                (
+                    "ferrovisor_vm_cgroup_memory_bytes",
+                    "Memory charged to the VM's cgroup (memory.current).",
+                    cg.memory_bytes,
+                ),
+                (
+                    "ferrovisor_vm_cgroup_pids",
+                    "Tasks in the VM's cgroup (pids.current).",
+                    cg.pids,
+                ),
+            ];
+            for (name, help, v) in gauges {
+                if let Some(v) = v {
+                    f.add(name, "gauge", help, &vm, v.to_string());
+                }
+            }
+            if let Some(us) = cg.cpu_usage_usec {
+                f.add(
+                    "ferrovisor_vm_cgroup_cpu_seconds_total",
+                    "counter",
+                    "CPU time of every thread of the VM's VMM (cpu.stat usage_usec).",
+                    &vm,
+                    format!("{:.6}", us as f64 / 1e6),
+                );
+            }
+            if let Some(n) = cg.oom_kills {
+                f.add(
+                    "ferrovisor_vm_cgroup_oom_kills_total",
+                    "counter",
+                    "OOM kills in the VM's cgroup (memory.events oom_kill).",
+                    &vm,
+                    n.to_string(),
+                );
+            }
         }
         for c in &s.vcpus {
             let vcpu = format!("{vm},vcpu=\"{}\"", c.vcpu);

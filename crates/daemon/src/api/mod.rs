@@ -38,8 +38,8 @@ mod socket;
 mod vms;
 
 pub use failure::Failure;
-pub(crate) use vms::api_state;
 pub use socket::bind_socket;
+pub(crate) use vms::api_state;
 
 use crate::error::StoreError;
 use crate::manager::{Manager, OpError};

@@ -35,6 +35,16 @@ pub async fn create_vm(
     validate_name(&req.name)?;
     let kvm_path = st.config().kvm_path.clone();
     let config = req.config.clone();
+    st.manager()
+        .check_resources(&req.resources, &req.config)
+        .map_err(|e| {
+            Failure::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_value",
+                Some(e.field().to_string()),
+                e.to_string(),
+            )
+        })?;
     // Validation reads files (kernel, images) and probes /dev/kvm: off the async workers.
     tokio::task::spawn_blocking(move || {
         let limits = vmm::vm::probe_host_limits(&kvm_path);
@@ -55,9 +65,7 @@ pub async fn create_vm(
         store::DesiredState::Stopped
     };
     let rec = st
-        .blocking(move |s| {
-            s.create_with(&req.name, &req.config, policy, desired, &req.resources)
-        })
+        .blocking(move |s| s.create_with(&req.name, &req.config, policy, desired, &req.resources))
         .await?;
     drop(guard);
     st.notify_changed();

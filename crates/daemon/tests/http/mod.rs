@@ -52,6 +52,8 @@ impl Server {
                     binary: vmm_binary(),
                     run_dir: state_dir.join("vms"),
                     ready_timeout: Duration::from_secs(10),
+                    // API tests do not touch the host's cgroups.
+                    cgroups: Err(daemon::cgroup::Unavailable::NoCgroup2),
                 },
                 rt.handle().clone(),
                 changed.clone(),
