@@ -4,7 +4,7 @@ use super::client::{decode, Client};
 use super::format::{short_id, timestamp_ms, write_out, Table};
 use super::vm::name_of;
 use super::EventsArgs;
-use api::{Event, EventKind, VmInfo};
+use api::{Event, VmInfo};
 use serde_json::Value;
 use std::collections::{HashMap, HashSet};
 
@@ -16,7 +16,7 @@ pub fn run(args: &EventsArgs) -> anyhow::Result<u8> {
     let client = Client::new(&args.common.socket);
     let json = args.common.json;
     // VM names for the VM column and for --vm: the VMs defined now; deleted ones are learnt
-    // from their `created` events.
+    // from the events that carry a name (`created`, `deleted`).
     let mut names = Names::default();
     if !json || args.vm.is_some() {
         let vms: Vec<VmInfo> = client.get("/v1/vms")?;
@@ -45,13 +45,9 @@ struct Names {
 }
 
 impl Names {
-    /// Learns a name from a `created` event.
+    /// Learns a name from an event that carries one (`created`, `deleted`).
     fn learn(&mut self, e: &Event) {
-        if let (EventKind::Created, Some(id), Some(name)) = (
-            e.kind,
-            &e.vm_id,
-            e.detail.get("name").and_then(Value::as_str),
-        ) {
+        if let (Some(id), Some(name)) = (&e.vm_id, detail_name(e)) {
             self.ids
                 .entry(id.clone())
                 .or_insert_with(|| name.to_string());
@@ -65,6 +61,11 @@ impl Names {
             None => "-".into(),
         }
     }
+}
+
+/// The VM name an event's detail carries.
+fn detail_name(e: &Event) -> Option<&str> {
+    e.detail.get("name").and_then(Value::as_str)
 }
 
 /// `--vm`: a name, an id or an id prefix.
@@ -91,9 +92,7 @@ impl Filter {
         let Some(id) = &e.vm_id else {
             return false;
         };
-        if e.kind == EventKind::Created
-            && e.detail.get("name").and_then(Value::as_str) == Some(self.wanted.as_str())
-        {
+        if detail_name(e) == Some(self.wanted.as_str()) {
             self.ids.insert(id.clone());
         }
         self.ids.contains(id) || (!self.wanted.is_empty() && id.starts_with(&self.wanted))
@@ -232,6 +231,7 @@ fn follow(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use api::EventKind;
     use serde_json::json;
 
     fn ev(id: i64, vm: &str, kind: EventKind, detail: Value) -> Event {
