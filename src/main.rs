@@ -1,5 +1,7 @@
 //! `ferrovisor`: the command-line entry point. Subcommands only; the work is in the crates.
 
+mod cli;
+
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -58,6 +60,10 @@ enum Command {
     /// Run the host daemon: the VM registry, one VMM process per VM, the HTTP API on a Unix
     /// socket. One per host (per state directory).
     Daemon(DaemonArgs),
+    /// Manage the host daemon's VMs (through its API socket).
+    Vm(cli::VmArgs),
+    /// The host daemon's event log: list it, or follow it as it grows.
+    Events(cli::EventsArgs),
 }
 
 #[derive(clap::Args)]
@@ -108,6 +114,23 @@ enum CtlRequest {
 
 #[derive(clap::Args)]
 struct RunArgs {
+    #[command(flatten)]
+    vm: VmConfigArgs,
+    /// A control socket (JSON lines) for this VMM: status, device counters, balloon size.
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
+    /// Write why the VMM exited here, atomically, as it exits (JSON: reason, exit_code, at_ms,
+    /// pid): how a supervisor that is not this process's parent learns how it ended.
+    #[arg(long, value_name = "PATH")]
+    exit_report: Option<PathBuf>,
+    /// KVM device.
+    #[arg(long, env = "FERROVISOR_KVM", default_value = KVM_PATH)]
+    kvm: PathBuf,
+}
+
+/// The VM configuration flags, shared by `run` and `vm create`.
+#[derive(clap::Args)]
+struct VmConfigArgs {
     /// Linux kernel: bzImage or ELF vmlinux.
     #[arg(long)]
     kernel: Option<PathBuf>,
@@ -151,19 +174,9 @@ struct RunArgs {
     /// A virtio-console (the guest's /dev/hvc0): null, file=PATH or socket=PATH.
     #[arg(long, value_parser = parse_serial)]
     console: Option<SerialConfig>,
-    /// A control socket (JSON lines) for this VMM: status, device counters, balloon size.
-    #[arg(long, value_name = "PATH")]
-    control: Option<PathBuf>,
     /// A VmConfig JSON file; flags given on the command line override its fields.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Write why the VMM exited here, atomically, as it exits (JSON: reason, exit_code, at_ms,
-    /// pid): how a supervisor that is not this process's parent learns how it ended.
-    #[arg(long, value_name = "PATH")]
-    exit_report: Option<PathBuf>,
-    /// KVM device.
-    #[arg(long, env = "FERROVISOR_KVM", default_value = KVM_PATH)]
-    kvm: PathBuf,
 }
 
 fn parse_size(s: &str) -> Result<ByteSize, String> {
@@ -196,7 +209,7 @@ fn parse_balloon(s: &str) -> Result<BalloonConfig, String> {
         .map_err(|e: vmm::config::ConfigError| e.to_string())
 }
 
-impl RunArgs {
+impl VmConfigArgs {
     fn to_config(&self) -> anyhow::Result<VmConfig> {
         let mut cfg = match &self.config {
             Some(path) => VmConfig::from_file(path)?,
@@ -255,7 +268,7 @@ fn init_logging(level: &str, format: LogFormat) {
 }
 
 fn run(args: &RunArgs, started: Instant) -> anyhow::Result<ExitReason> {
-    let config = args.to_config()?;
+    let config = args.vm.to_config()?;
     let mut vm = Vm::build(&config, &args.kvm, started)?;
     if let Some(path) = &args.control {
         vm.set_control_socket(path);
@@ -382,6 +395,8 @@ fn main() -> ExitCode {
         Command::Host { kvm, json } => host(kvm, *json),
         Command::Ctl { socket, request } => ctl(socket, request),
         Command::Daemon(args) => run_daemon(args),
+        Command::Vm(args) => cli::vm(args),
+        Command::Events(args) => cli::events(args),
     };
     match result {
         Ok(code) => ExitCode::from(code),
