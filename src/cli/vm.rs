@@ -387,6 +387,22 @@ pub fn stats_text(s: &VmStats) -> String {
         out.push('\n');
         out.push_str(&t.render());
     }
+    if let Some(cg) = &s.cgroup {
+        let mut parts = Vec::new();
+        if let Some(m) = cg.memory_bytes {
+            parts.push(format!("memory={}", size(m)));
+        }
+        if let Some(us) = cg.cpu_usage_usec {
+            parts.push(format!("cpu={}", cpu_time_ms(us / 1000)));
+        }
+        if let Some(p) = cg.pids {
+            parts.push(format!("pids={p}"));
+        }
+        if let Some(k) = cg.oom_kills {
+            parts.push(format!("oom_kills={k}"));
+        }
+        out.push_str(&format!("\ncgroup: {}\n", parts.join(" ")));
+    }
     if let Some(b) = &s.balloon {
         out.push_str(&format!("\nballoon: {b}\n"));
     }
@@ -505,6 +521,7 @@ mod tests {
                     ("errors".to_string(), 0),
                 ]),
             }],
+            cgroup: None,
             balloon: None,
         };
         let text = stats_text(&s);
