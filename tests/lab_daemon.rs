@@ -118,9 +118,13 @@ fn three_stock_vms_under_the_daemon_survive_a_vmm_kill_and_a_daemon_restart() {
         let tag = format!("HOST-DAEMON create vm{n}");
         assert_eq!(f(&tag, "rc"), "0", "{out}");
         assert_eq!(f(&tag, "state"), "running", "{out}");
-        assert_eq!(f("HOST-DAEMON ready", &format!("vm{n}")), "1", "{out}");
         assert_eq!(
-            f("HOST-DAEMON console ", &format!("vm{n}")),
+            f(&format!("HOST-DAEMON ready vm{n}="), &format!("vm{n}")),
+            "1",
+            "{out}"
+        );
+        assert_eq!(
+            f(&format!("HOST-DAEMON console vm{n}="), &format!("vm{n}")),
             "ok",
             "vm{n} answers on its console: {out}"
         );
