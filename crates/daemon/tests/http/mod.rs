@@ -126,12 +126,13 @@ impl Drop for Server {
     }
 }
 
-/// The `ferrovisor` binary next to this test's target directory (built by the root package;
+/// The `ferrovisor` binary of the profile this test was built with (built by the root package;
 /// absent when only this crate was built: starting a VM then fails with 422).
 pub fn vmm_binary() -> PathBuf {
-    Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .parent()
-        .map(|t| t.join("debug").join("ferrovisor"))
+    // target/<profile>/deps/<test binary>
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent()?.parent().map(|p| p.join("ferrovisor")))
         .unwrap_or_else(|| PathBuf::from("ferrovisor"))
 }
 
