@@ -148,6 +148,13 @@ impl Families {
     }
 }
 
+/// Device values that go up and down (the rest only grow).
+fn is_gauge(name: &str) -> bool {
+    matches!(name, "inflight" | "actual_pages" | "target_pages")
+        || name.ends_with("_current")
+        || name.ends_with("_now")
+}
+
 /// A metric name part from a counter name: `[a-z0-9_]` only.
 fn metric_part(s: &str) -> String {
     s.chars()
@@ -274,6 +281,16 @@ fn vm_families(out: &mut String, vms: &[crate::store::VmRecord], stats: &[api::V
             let dev = format!("{vm},device=\"{}\"", label(&d.id));
             for (counter, n) in &d.counters {
                 let c = metric_part(counter);
+                if is_gauge(counter) {
+                    f.add(
+                        &format!("ferrovisor_vm_{kind}_{c}"),
+                        "gauge",
+                        &format!("The {} device's current {counter}.", d.kind),
+                        &dev,
+                        n.to_string(),
+                    );
+                    continue;
+                }
                 let c = c.strip_suffix("_total").unwrap_or(&c);
                 f.add(
                     &format!("ferrovisor_vm_{kind}_{c}_total"),
@@ -290,4 +307,99 @@ fn vm_families(out: &mut String, vms: &[crate::store::VmRecord], stats: &[api::V
 
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn stats(name: &str) -> api::VmStats {
+        let m = |kv: &[(&str, u64)]| -> BTreeMap<String, u64> {
+            kv.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+        };
+        api::VmStats {
+            id: "ab".repeat(16),
+            name: name.into(),
+            state: api::VmState::Running,
+            pid: 7,
+            uptime_ms: 1500,
+            rss_bytes: Some(1 << 20),
+            memory_bytes: 64 << 20,
+            vcpus: vec![api::VcpuStats {
+                vcpu: 0,
+                exits: m(&[("total", 9), ("io_out", 5), ("hlt", 4)]),
+                cpu_time_ms: Some(250),
+            }],
+            devices: vec![
+                api::DeviceStats {
+                    kind: "block".into(),
+                    id: "root".into(),
+                    counters: m(&[("read_requests", 3), ("inflight", 1)]),
+                },
+                api::DeviceStats {
+                    kind: "block".into(),
+                    id: "data".into(),
+                    counters: m(&[("read_requests", 4), ("inflight", 0)]),
+                },
+            ],
+            cgroup: Some(api::CgroupUsage {
+                memory_bytes: Some(2 << 20),
+                cpu_usage_usec: Some(1_000_000),
+                pids: Some(5),
+                oom_kills: Some(0),
+            }),
+            balloon: None,
+        }
+    }
+
+    #[test]
+    fn families_are_grouped_typed_and_promtool_clean() {
+        let mut out = String::new();
+        vm_families(&mut out, &[], &[stats("a"), stats("b")]);
+        // Each family's HELP and TYPE once, before all of its samples.
+        let mut seen = std::collections::HashSet::new();
+        let mut current = String::new();
+        for line in out.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let name = rest.split(' ').next().unwrap_or("").to_string();
+                assert!(seen.insert(name.clone()), "{name} declared twice:\n{out}");
+                current = name;
+            } else if !line.starts_with('#') {
+                assert!(
+                    line.starts_with(&current),
+                    "{line} outside {current}:\n{out}"
+                );
+            }
+        }
+        assert!(
+            out.contains("# TYPE ferrovisor_vm_block_inflight gauge"),
+            "{out}"
+        );
+        assert!(out.contains("# TYPE ferrovisor_vm_block_read_requests_total counter"));
+        assert!(out.contains(
+            "ferrovisor_vm_block_read_requests_total{vm=\"b\",id=\"abababababababababababababababab\",device=\"data\"} 4"
+        ));
+        assert!(out.contains("ferrovisor_vm_vcpu_seconds_total{vm=\"a\""));
+        assert!(!out.contains("reason=\"total\""));
+        assert_eq!(label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+        // promtool, where installed (CI installs it).
+        let dir = std::env::temp_dir().join(format!("fv-metrics-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let file = dir.join("m.txt");
+        std::fs::write(&file, &out).expect("write");
+        if let Ok(o) = std::process::Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::fs::File::open(&file).expect("open"))
+            .output()
+        {
+            assert!(
+                o.status.success(),
+                "{}{}\n{out}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
