@@ -387,3 +387,124 @@ fn metrics_are_valid_prometheus_text() {
         }
     }
 }
+
+#[test]
+fn fifty_clients_query_while_vms_start_and_stop_and_the_stream_sees_it_all() {
+    if !kvm_available("concurrent clients") {
+        return;
+    }
+    let dir = scratch("dconc");
+    let d = Daemon::start(&dir);
+    let idle = idle_fw(&dir);
+    for n in 0..4 {
+        d.post_ok(
+            "/v1/vms",
+            &create_body(&format!("c{n}"), &idle, "never", false),
+            201,
+        );
+    }
+    // The event stream, from now on.
+    let after = d
+        .get("/v1/events?limit=1000")
+        .json()
+        .as_array()
+        .map_or(0, |a| a.last().and_then(|e| e["id"].as_i64()).unwrap_or(0));
+    let sock = d.sock.clone();
+    let stream = std::thread::spawn(move || {
+        let mut s = std::os::unix::net::UnixStream::connect(&sock).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(60)))
+            .expect("timeout");
+        write!(
+            s,
+            "GET /v1/events/stream?after={after} HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
+        .expect("write");
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        // 4 VMs x 3 rounds x (started, stopped).
+        let want = 4 * 3 * 2;
+        while String::from_utf8_lossy(&got).matches("\nevent: ").count() < want {
+            match std::io::Read::read(&mut s, &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        String::from_utf8_lossy(&got).into_owned()
+    });
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let checks = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let readers: Vec<_> = (0..50)
+        .map(|i| {
+            let sock = d.sock.clone();
+            let stop = stop.clone();
+            let checks = checks.clone();
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let path = if i % 2 == 0 {
+                        "/v1/vms".to_string()
+                    } else {
+                        format!("/v1/vms/c{}", i % 4)
+                    };
+                    let r = common::http::request(&sock, "GET", &path, None);
+                    assert_eq!(r.status, 200, "{path}: {}", r.text());
+                    let v = r.json();
+                    let vms = v.as_array().cloned().unwrap_or_else(|| vec![v.clone()]);
+                    if i % 2 == 0 {
+                        assert_eq!(vms.len(), 4, "{v}");
+                    }
+                    for vm in &vms {
+                        // A consistent record: a pid exactly while a VMM may run.
+                        let state = vm["state"].as_str().unwrap_or("");
+                        let live = ["running", "paused", "stopping"].contains(&state);
+                        assert_eq!(vm["pid"].is_u64(), live, "{vm}");
+                        assert_eq!(vm["uptime_ms"].is_u64(), live, "{vm}");
+                        assert!(
+                            ["created", "running", "stopped", "starting", "stopping"]
+                                .contains(&state),
+                            "{vm}"
+                        );
+                    }
+                    checks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    for _round in 0..3 {
+        let starters: Vec<_> = (0..4)
+            .map(|n| {
+                let sock = d.sock.clone();
+                std::thread::spawn(move || {
+                    let r = common::http::request(
+                        &sock,
+                        "POST",
+                        &format!("/v1/vms/c{n}/start"),
+                        Some(b""),
+                    );
+                    assert_eq!(r.status, 200, "{}", r.text());
+                    assert_eq!(r.json()["state"], "running");
+                    // The same VM twice at once: serialised, the second is refused cleanly.
+                    let again = common::http::request(
+                        &sock,
+                        "POST",
+                        &format!("/v1/vms/c{n}/kill"),
+                        Some(b""),
+                    );
+                    assert_eq!(again.status, 200, "{}", again.text());
+                    assert_eq!(again.json()["state"], "stopped");
+                })
+            })
+            .collect();
+        for s in starters {
+            s.join().expect("start/stop");
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for r in readers {
+        r.join().expect("a reader saw a wrong answer");
+    }
+    assert!(checks.load(std::sync::atomic::Ordering::Relaxed) >= 50);
+    let events = stream.join().expect("stream");
+    assert_eq!(events.matches("event: started").count(), 12, "{events}");
+    assert_eq!(events.matches("event: stopped").count(), 12, "{events}");
+}

@@ -186,7 +186,12 @@ pub(crate) fn api_state(s: store::VmState) -> api::VmState {
 /// The API's view of a stored VM.
 pub fn vm_info(rec: &VmRecord) -> VmInfo {
     let rt = &rec.runtime;
-    let live = rt.state.is_live();
+    // A pid and an uptime only while the recorded VMM runs (`starting` has none yet; the
+    // start time of a VM that ended is its last run's).
+    let live = matches!(
+        rt.state,
+        store::VmState::Running | store::VmState::Paused | store::VmState::Stopping
+    );
     VmInfo {
         id: rec.id.to_string(),
         name: rec.name.clone(),
