@@ -508,3 +508,31 @@ fn fifty_clients_query_while_vms_start_and_stop_and_the_stream_sees_it_all() {
     assert_eq!(events.matches("event: started").count(), 12, "{events}");
     assert_eq!(events.matches("event: stopped").count(), 12, "{events}");
 }
+
+#[test]
+fn daemon_refuses_bad_options_with_clear_messages() {
+    let dir = scratch("dbad");
+    let daemon = |args: &[&str]| {
+        let mut c = ferrovisor();
+        c.arg("daemon")
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .args(args)
+            .env_remove("FERROVISOR_SOCKET");
+        run(c, Duration::from_secs(20))
+    };
+    let sock = dir.join("api.sock").display().to_string();
+    let out = daemon(&["--socket", &sock, "--group", "no-such-group-fv"]);
+    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains("no such group"), "{}", out.stderr);
+    // Something that is not a socket is never replaced.
+    let file = dir.join("not-a-socket");
+    std::fs::write(&file, "keep me").expect("write");
+    let out = daemon(&["--socket", &file.display().to_string()]);
+    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains("is not a socket"), "{}", out.stderr);
+    assert_eq!(std::fs::read_to_string(&file).expect("read"), "keep me");
+    let out = daemon(&["--socket", &sock, "--ready-timeout", "0"]);
+    assert_eq!(out.status.code(), Some(2), "{}", out.stderr);
+    let _ = std::fs::remove_dir_all(&dir);
+}

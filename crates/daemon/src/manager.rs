@@ -482,13 +482,28 @@ impl Manager {
                 });
             }
         };
-        let rec = store.set_running(
+        let rec = match store.set_running(
             id,
             l.pid,
             l.start_time,
             &l.paths.control,
             Some(&l.paths.console),
-        )?;
+        ) {
+            Ok(r) => r,
+            Err(e) => {
+                // Not recorded means not supervised: it must not run.
+                // SAFETY: kill has no memory effects; the pid is our unreaped child.
+                unsafe { libc::kill(l.pid as libc::pid_t, libc::SIGKILL) };
+                let _ = self.inner.supervisor.watch(
+                    id.to_string(),
+                    l.pid,
+                    l.start_time,
+                    l.paths.exit_report.clone(),
+                    true,
+                );
+                return Err(e.into());
+            }
+        };
         if let Err(e) = self.inner.supervisor.watch(
             id.to_string(),
             l.pid,
