@@ -5,7 +5,6 @@ use super::AppState;
 use api::{ApiError, Capacity, HostInfo, KvmFlavour};
 use axum::extract::State;
 use axum::Json;
-use std::path::Path;
 use vmm::kvm::KvmFlavour as Detected;
 
 /// KVM flavour (hardware or PVM), CPUs, memory, and the capacity the live VMs take.
@@ -61,7 +60,7 @@ pub async fn host_info(State(st): State<AppState>) -> Result<Json<HostInfo>, Fai
             kvm_usable: kvm_error.is_none(),
             kvm_error,
             max_vcpus: limits.max_vcpus.min(vmm::config::MAX_VCPUS_GUEST),
-            cpus: online_cpus(),
+            cpus: crate::cgroup::host_cpus(),
             memory_bytes: limits.host_memory,
             vms: u32::try_from(vms.len()).unwrap_or(u32::MAX),
             in_use,
@@ -71,41 +70,3 @@ pub async fn host_info(State(st): State<AppState>) -> Result<Json<HostInfo>, Fai
     .await
 }
 
-/// The host's online CPUs, from `/sys/devices/system/cpu/online` ("0-3,6,8-9").
-fn online_cpus() -> u32 {
-    std::fs::read_to_string(Path::new("/sys/devices/system/cpu/online"))
-        .ok()
-        .and_then(|s| count_cpu_list(s.trim()))
-        .or_else(|| {
-            std::thread::available_parallelism()
-                .ok()
-                .and_then(|n| u32::try_from(n.get()).ok())
-        })
-        .unwrap_or(1)
-}
-
-fn count_cpu_list(s: &str) -> Option<u32> {
-    let mut n = 0u32;
-    for part in s.split(',') {
-        let (a, b) = match part.split_once('-') {
-            Some((a, b)) => (a.parse::<u32>().ok()?, b.parse::<u32>().ok()?),
-            None => {
-                let a = part.parse::<u32>().ok()?;
-                (a, a)
-            }
-        };
-        n = n.checked_add(b.checked_sub(a)?.checked_add(1)?)?;
-    }
-    Some(n)
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn cpu_lists() {
-        assert_eq!(super::count_cpu_list("0-3,6,8-9"), Some(7));
-        assert_eq!(super::count_cpu_list("0"), Some(1));
-        assert_eq!(super::count_cpu_list("3-1"), None);
-        assert_eq!(super::count_cpu_list(""), None);
-    }
-}
