@@ -257,7 +257,7 @@ EOF
   RAW="$WORK/daemon-raw.log"
   cat > "$WORK/driver.py" <<'EOF'
 # The host driver: for each run and N, both VMMs (alternating which goes first).
-import ctypes, http.client, json, os, shutil, signal, socket, subprocess, sys, threading, time
+import ctypes, http.client, json, os, shutil, signal, socket, subprocess, sys, tempfile, threading, time
 from concurrent.futures import ThreadPoolExecutor
 
 P = json.loads(sys.argv[1])
@@ -421,7 +421,7 @@ def emit(kind, **kv):
 def report(vmm, n, run, res, seen, up_key):
     """res: per VM dicts with i, ts, te, ok, pid (+ id)."""
     time.sleep(IDLE)
-    ok = 0
+    ok = bad = 0
     for r in res:
         up = seen.get(up_key(r)) if r["ok"] else None
         good = r["ok"] and up is not None and alive(r["pid"])
@@ -431,14 +431,22 @@ def report(vmm, n, run, res, seen, up_key):
              t_started=r["te"], t_up=up, **{k: s.get(k) for k in
                                             ("rss_kb", "pss_kb", "hwm_kb", "guest_kb", "cpu_ms")})
         if not good:
-            log(f"{vmm} N={n} run {run}: VM {r['i']} did not come up: {r.get('err', '')[:300]}")
+            bad += 1
+            if bad <= 3:
+                log(f"{vmm} N={n} run {run}: VM {r['i']} did not come up: {r.get('err', '')[-600:]}")
+    if bad > 3:
+        log(f"{vmm} N={n} run {run}: ... {bad} VMs in all did not come up")
     return ok
 
 def run_ferrovisor(n, run):
     d = os.path.join(WORK, f"ferrovisor-n{n}-r{run}")
     shutil.rmtree(d, ignore_errors=True)
     os.makedirs(d)
-    sock, state = os.path.join(d, "api.sock"), os.path.join(d, "state")
+    # The socket and state directory in a short temporary directory: a VM's
+    # sockets are <state-dir>/vms/<32 hex>/console.sock, and a Unix socket's
+    # path must fit in 108 bytes (SUN_LEN).
+    short = tempfile.mkdtemp(prefix="fvbd-", dir="/tmp")
+    sock, state = os.path.join(short, "api.sock"), os.path.join(short, "state")
     env = {k: v for k, v in os.environ.items() if not k.startswith("FERROVISOR_")}
     load0 = loadavg()
     t_exec = mono()
@@ -517,6 +525,10 @@ def run_ferrovisor(n, run):
         log("the daemon ignored SIGTERM: SIGKILL")
         daemon.kill()
         daemon.wait()
+    if ok == n:
+        shutil.rmtree(short, ignore_errors=True)
+    else:
+        log(f"kept the daemon's state directory {state}")
     return ok
 
 def qemu_cmd(d, i):
