@@ -532,6 +532,13 @@ fn daemon_refuses_bad_options_with_clear_messages() {
     assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
     assert!(out.stderr.contains("is not a socket"), "{}", out.stderr);
     assert_eq!(std::fs::read_to_string(&file).expect("read"), "keep me");
+    // A state directory too deep for the VMs' socket paths is refused up front.
+    let deep = dir.join("d".repeat(80));
+    let mut c = ferrovisor();
+    c.args(["daemon", "--socket", &sock, "--state-dir"]).arg(&deep);
+    let out = run(c, Duration::from_secs(20));
+    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains("too long"), "{}", out.stderr);
     let out = daemon(&["--socket", &sock, "--ready-timeout", "0"]);
     assert_eq!(out.status.code(), Some(2), "{}", out.stderr);
     let _ = std::fs::remove_dir_all(&dir);

@@ -72,9 +72,35 @@ pub fn resolve_group(group: &str) -> Result<u32, DaemonError> {
     Ok(unsafe { (*gr).gr_gid })
 }
 
+/// Longest Unix socket path (`sun_path` is 108 bytes with its NUL).
+const SOCKET_PATH_MAX: usize = 107;
+
+/// Each VM's sockets are `<state-dir>/vms/<32 hex digits>/console.sock`: refuse a state
+/// directory whose path leaves them no room (the VMs would all fail to start).
+fn check_state_dir_length(state_dir: &std::path::Path) -> Result<(), DaemonError> {
+    let dir = std::path::absolute(state_dir)?;
+    let longest = dir
+        .join("vms")
+        .join("0".repeat(32))
+        .join("console.sock")
+        .as_os_str()
+        .len();
+    if longest > SOCKET_PATH_MAX {
+        return Err(DaemonError::Usage(format!(
+            "--state-dir {}: too long: the VMs' sockets (<state-dir>/vms/<id>/console.sock, \
+             {longest} bytes) would exceed the {SOCKET_PATH_MAX} bytes a Unix socket path may \
+             have; use a path of at most {} bytes",
+            dir.display(),
+            dir.as_os_str().len() - (longest - SOCKET_PATH_MAX)
+        )));
+    }
+    Ok(())
+}
+
 /// Runs the daemon until SIGTERM or SIGINT.
 pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
     let gid = opts.group.as_deref().map(resolve_group).transpose()?;
+    check_state_dir_length(&opts.state_dir)?;
     let binary = match &opts.vmm_binary {
         Some(b) => b.clone(),
         None => std::env::current_exe()?,
