@@ -535,7 +535,8 @@ fn daemon_refuses_bad_options_with_clear_messages() {
     // A state directory too deep for the VMs' socket paths is refused up front.
     let deep = dir.join("d".repeat(80));
     let mut c = ferrovisor();
-    c.args(["daemon", "--socket", &sock, "--state-dir"]).arg(&deep);
+    c.args(["daemon", "--socket", &sock, "--state-dir"])
+        .arg(&deep);
     let out = run(c, Duration::from_secs(20));
     assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
     assert!(out.stderr.contains("too long"), "{}", out.stderr);

@@ -69,4 +69,3 @@ pub async fn host_info(State(st): State<AppState>) -> Result<Json<HostInfo>, Fai
     })
     .await
 }
-
