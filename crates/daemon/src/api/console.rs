@@ -1,6 +1,6 @@
 //! `GET /v1/vms/{vm}/console`: the VM's serial console as a byte stream over an upgraded HTTP
-//! connection (`Connection: Upgrade`, `Upgrade: ferrovisor-console`; answer `101 Switching
-//! Protocols`). After the upgrade the client first receives the console's recent output (up to
+//! connection (`Connection: Upgrade`, `Upgrade: ferrovisor-console` — any protocol name is
+//! accepted and echoed; answer `101 Switching Protocols`). After the upgrade the client first receives the console's recent output (up to
 //! 64 KiB), then live output; what it sends goes to the guest's serial input. The stream ends
 //! when the VMM exits or the client closes.
 
@@ -41,29 +41,39 @@ pub async fn console(
     Path(vm): Path<String>,
     mut req: Request,
 ) -> Result<Response, Failure> {
-    let upgrade_asked = {
+    // Any protocol name is taken (`ferrovisor-console` is ours; `tcp`, `console` ... from
+    // generic clients work too): what matters is that the client asked to leave HTTP.
+    let protocol = {
         let headers = req.headers();
-        let has = |name: header::HeaderName, value: &str| {
-            headers.get_all(name).iter().any(|v| {
-                v.to_str()
-                    .unwrap_or("")
-                    .split(',')
-                    .any(|p| p.trim().eq_ignore_ascii_case(value))
-            })
-        };
-        has(header::CONNECTION, "upgrade") && has(header::UPGRADE, CONSOLE_PROTOCOL)
+        let connection_upgrade = headers.get_all(header::CONNECTION).iter().any(|v| {
+            v.to_str()
+                .unwrap_or("")
+                .split(',')
+                .any(|p| p.trim().eq_ignore_ascii_case("upgrade"))
+        });
+        let asked = headers
+            .get(header::UPGRADE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(',').next())
+            .map(|p| p.trim().to_string())
+            .filter(|p| !p.is_empty());
+        match asked {
+            Some(p) if connection_upgrade => p,
+            _ => {
+                return Err(Failure::new(
+                    StatusCode::UPGRADE_REQUIRED,
+                    "upgrade_required",
+                    Some("Upgrade".into()),
+                    format!(
+                        "the console is a byte stream: send `Connection: Upgrade` and \
+                         `Upgrade: {CONSOLE_PROTOCOL}`"
+                    ),
+                ))
+            }
+        }
     };
-    if !upgrade_asked {
-        return Err(Failure::new(
-            StatusCode::UPGRADE_REQUIRED,
-            "upgrade_required",
-            Some("Upgrade".into()),
-            format!(
-                "the console is a byte stream: send `Connection: Upgrade` and \
-                 `Upgrade: {CONSOLE_PROTOCOL}`"
-            ),
-        ));
-    }
+    let protocol = HeaderValue::from_str(&protocol)
+        .unwrap_or_else(|_| HeaderValue::from_static(CONSOLE_PROTOCOL));
     // Taken before any await: the request itself is not Sync.
     let on_upgrade = hyper::upgrade::on(&mut req);
     drop(req);
@@ -120,7 +130,6 @@ pub async fn console(
     *res.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     res.headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    res.headers_mut()
-        .insert(header::UPGRADE, HeaderValue::from_static(CONSOLE_PROTOCOL));
+    res.headers_mut().insert(header::UPGRADE, protocol);
     Ok(res)
 }
