@@ -3,7 +3,7 @@
 # bad input, and the lab scenarios (stock Debian guests on a real hardware-virtualization KVM
 # inside QEMU-TCG). Installs what the tests need first.
 #
-#   scripts/test.sh                 everything
+#   scripts/test.sh                 everything (and both fuzzers, briefly)
 #   scripts/test.sh -- FILTER       pass FILTER (and more cargo test args) through (no fuzzing)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +19,10 @@ cargo clippy --workspace --all-targets --release -- -D warnings
 # the README's main command.
 cargo test --workspace --release "$@" -- --nocapture
 # The guest-facing parsers under libFuzzer, briefly (longer by hand: scripts/fuzz.sh 3600).
+# The daemon's HTTP API under schemathesis, from its OpenAPI document (the release binary the
+# tests built; longer by hand: scripts/api-fuzz.sh --examples 1000 --seed random).
 if [ $# -eq 0 ]; then
   (cd fuzz && cargo fmt -- --check)
   scripts/fuzz.sh "${FUZZ_SECS:-15}"
+  FERROVISOR_BIN="${CARGO_TARGET_DIR:-target}/release/ferrovisor" scripts/api-fuzz.sh
 fi

@@ -93,7 +93,7 @@ pub enum EventKind {
 pub struct CreateVm {
     /// Unique name: 1–63 characters of `A-Z a-z 0-9 . _ -`, not starting with `-` or `.`, and
     /// not 32 hex digits (the shape of an id).
-    #[schema(example = "web-1")]
+    #[schema(example = "web-1", pattern = "^[A-Za-z0-9_][A-Za-z0-9._-]{0,62}$")]
     pub name: String,
     /// The VM's configuration (the same as `ferrovisor run --config FILE`).
     pub config: VmConfig,

@@ -335,6 +335,114 @@ fn unknown_routes_and_methods_answer_json() {
     assert_eq!(v["code"], "method_not_allowed");
 }
 
+/// Found by schemathesis (scripts/api-fuzz.sh): inputs that were answered outside the document.
+#[test]
+fn odd_paths_queries_and_bodies_answer_as_documented() {
+    let srv = Server::start("odd");
+    assert_eq!(srv.post("/v1/vms", &srv.create_body("a")).status, 201);
+    // A {vm} that is not UTF-8 once decoded names no VM: a JSON 404, not axum's text/plain 400.
+    for (method, path) in [
+        ("GET", "/v1/vms/%FF"),
+        ("DELETE", "/v1/vms/%FF"),
+        ("POST", "/v1/vms/%C3%28/start"),
+        ("GET", "/v1/vms/%FF/stats"),
+    ] {
+        let r = http::request(&srv.sock, method, path, None);
+        let v = assert_error(&r, 404, Some("vm"));
+        assert_eq!(v["code"], "not_found", "{method} {path}: {v}");
+    }
+    // Query strings are percent-decoded (and a bad escape is refused, naming the parameter).
+    let r = srv.get("/v1/events?%6Cimit=%31");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json().as_array().map(Vec::len), Some(1));
+    assert_error(&srv.get("/v1/events?limit=%FF"), 400, Some("limit"));
+    assert_error(&srv.get("/v1/events?limit=%2"), 400, Some("limit"));
+    // The shutdown body is optional, and JSON null means the defaults too: the VM's state (not
+    // running) is what refuses it.
+    for body in ["", " ", "null", "{}"] {
+        let r = srv.post("/v1/vms/a/shutdown", body);
+        let v = assert_error(&r, 409, Some("state"));
+        assert_eq!(v["code"], "conflict", "{body:?}: {v}");
+    }
+    assert_error(&srv.post("/v1/vms/a/shutdown", "7"), 400, Some("body"));
+    assert_error(
+        &srv.post("/v1/vms/a/shutdown", r#"{"x":1}"#),
+        400,
+        Some("x"),
+    );
+    assert_error(
+        &srv.post("/v1/vms/a/shutdown", r#"{"timeout_s":0}"#),
+        422,
+        Some("timeout_s"),
+    );
+    let r = srv.delete("/v1/vms/a?%66orce=tru%65");
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+/// Found by schemathesis through a TCP bridge: an answer given before the request's body had
+/// arrived (a 405, a 404, an action that takes no body) closed the connection under the client
+/// still sending it, so a keep-alive client lost its next request (or that answer itself).
+#[test]
+fn a_body_the_route_does_not_want_keeps_the_connection() {
+    use std::io::{Read, Write};
+    let srv = Server::start("keepalive");
+    let mut s = std::os::unix::net::UnixStream::connect(&srv.sock).expect("connect");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .expect("timeout");
+    let body = br#"{"a":1}"#;
+    for (method, path, status) in [
+        ("DELETE", "/v1/vms", 405),
+        ("POST", "/v1/vms/nope/start", 404),
+        ("GET", "/v1/nothing", 404),
+        ("GET", "/v1/host", 200),
+    ] {
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        s.write_all(head.as_bytes()).expect("head");
+        // The body comes late, as through a proxy: the server must still be reading.
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        s.write_all(body)
+            .unwrap_or_else(|e| panic!("{method} {path}: body: {e}"));
+        let mut raw = Vec::new();
+        let mut buf = [0u8; 4096];
+        let (end, len) = loop {
+            let n = s.read(&mut buf).expect("read");
+            assert!(
+                n > 0,
+                "{method} {path}: closed: {}",
+                String::from_utf8_lossy(&raw)
+            );
+            raw.extend_from_slice(&buf[..n]);
+            if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&raw[..end]).to_lowercase();
+                assert!(
+                    !head.contains("connection: close"),
+                    "{method} {path}: {head}"
+                );
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .expect("content-length");
+                break (end + 4, len);
+            }
+        };
+        while raw.len() < end + len {
+            let n = s.read(&mut buf).expect("read body");
+            assert!(n > 0, "{method} {path}: body cut");
+            raw.extend_from_slice(&buf[..n]);
+        }
+        let status_line = String::from_utf8_lossy(&raw[..12]).into_owned();
+        assert!(
+            status_line.ends_with(&status.to_string()),
+            "{method} {path}: {status_line}"
+        );
+    }
+}
+
 #[test]
 fn host_reports_flavour_and_capacity() {
     let srv = Server::start("host");

@@ -5,10 +5,11 @@
 //! when the VMM exits or the client closes.
 
 use super::failure::Failure;
+use super::input::VmParam;
 use super::AppState;
 use api::ApiError;
 use axum::body::Body;
-use axum::extract::{Path, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::Response;
 use hyper_util::rt::TokioIo;
@@ -38,7 +39,7 @@ pub const CONSOLE_PROTOCOL: &str = "ferrovisor-console";
 )]
 pub async fn console(
     State(st): State<AppState>,
-    Path(vm): Path<String>,
+    VmParam(vm): VmParam,
     mut req: Request,
 ) -> Result<Response, Failure> {
     // Any protocol name is taken (`ferrovisor-console` is ours; `tcp`, `console` ... from

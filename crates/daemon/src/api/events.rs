@@ -25,8 +25,8 @@ const POLL: Duration = Duration::from_millis(200);
     path = "/v1/events",
     tag = "events",
     params(
-        ("after" = Option<i64>, Query, description = "Only events with a greater id (default 0)"),
-        ("limit" = Option<i64>, Query, description = "At most this many (1-1000, default 100)"),
+        ("after" = Option<i64>, Query, minimum = 0, description = "Only events with a greater id (default 0)"),
+        ("limit" = Option<i64>, Query, minimum = 1, maximum = 1000, description = "At most this many (1-1000, default 100)"),
     ),
     responses(
         (status = 200, description = "The events", body = Vec<Event>),
@@ -41,9 +41,9 @@ pub async fn list_events(
     let mut after = 0;
     let mut limit = 100;
     for (k, v) in query_pairs(query.as_deref(), &["after", "limit"])? {
-        match k {
-            "after" => after = query_int(k, v, 0, i64::MAX)?,
-            _ => limit = query_int(k, v, 1, MAX_LIMIT)?,
+        match k.as_str() {
+            "after" => after = query_int(&k, &v, 0, i64::MAX)?,
+            _ => limit = query_int(&k, &v, 1, MAX_LIMIT)?,
         }
     }
     let limit = usize::try_from(limit).unwrap_or(100);
@@ -59,8 +59,8 @@ pub async fn list_events(
     path = "/v1/events/stream",
     tag = "events",
     params(
-        ("after" = Option<i64>, Query, description = "Start after this event id (default: the newest, i.e. only new events)"),
-        ("Last-Event-ID" = Option<i64>, Header, description = "Resume after this event id"),
+        ("after" = Option<i64>, Query, minimum = 0, description = "Start after this event id (default: the newest, i.e. only new events)"),
+        ("Last-Event-ID" = Option<i64>, Header, minimum = 0, description = "Resume after this event id"),
     ),
     responses(
         (status = 200, description = "A stream of events; each `data:` is an Event", content_type = "text/event-stream", body = Event),
@@ -75,7 +75,7 @@ pub async fn event_stream(
 ) -> Result<Sse<impl Stream<Item = Result<sse::Event, Infallible>>>, Failure> {
     let mut after = None;
     for (k, v) in query_pairs(query.as_deref(), &["after"])? {
-        after = Some(query_int(k, v, 0, i64::MAX)?);
+        after = Some(query_int(&k, &v, 0, i64::MAX)?);
     }
     if after.is_none() {
         if let Some(v) = headers.get("last-event-id") {

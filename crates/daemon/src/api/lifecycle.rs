@@ -2,14 +2,14 @@
 //! VM's lock held (see [`super::AppState::vm_op`]) and answers the VM as it is afterwards.
 
 use super::failure::Failure;
-use super::input::json_body;
+use super::input::{json_body, VmParam};
 use super::vms::vm_info;
 use super::AppState;
 use crate::manager::DEFAULT_SHUTDOWN_TIMEOUT;
 use api::{ApiError, ShutdownRequest, VmInfo, VmStats};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::Json;
 use std::time::Duration;
 
@@ -30,7 +30,7 @@ use std::time::Duration;
 )]
 pub async fn start_vm(
     State(st): State<AppState>,
-    Path(vm): Path<String>,
+    VmParam(vm): VmParam,
 ) -> Result<Json<VmInfo>, Failure> {
     let rec = st.vm_op(vm, |m, id| m.start(id, true)).await?;
     Ok(Json(vm_info(&rec)))
@@ -43,7 +43,7 @@ pub async fn start_vm(
     path = "/v1/vms/{vm}/shutdown",
     tag = "vms",
     params(("vm" = String, Path, description = "The VM's id or name")),
-    request_body(content = Option<ShutdownRequest>, description = "Optional; an empty body takes the defaults"),
+    request_body(content = Option<ShutdownRequest>, description = "Optional: no body, an empty one or `null` takes the defaults"),
     responses(
         (status = 200, description = "Stopped", body = VmInfo),
         (status = 400, description = "Bad body", body = ApiError),
@@ -55,14 +55,15 @@ pub async fn start_vm(
 )]
 pub async fn shutdown_vm(
     State(st): State<AppState>,
-    Path(vm): Path<String>,
+    VmParam(vm): VmParam,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<VmInfo>, Failure> {
+    // The body is optional: none (or only blanks) and JSON `null` take the defaults.
     let empty = matches!(&body, Ok(b) if b.iter().all(u8::is_ascii_whitespace));
     let req: ShutdownRequest = if empty {
         ShutdownRequest::default()
     } else {
-        json_body(body)?
+        json_body::<Option<ShutdownRequest>>(body)?.unwrap_or_default()
     };
     let timeout = match req.timeout_s {
         None => DEFAULT_SHUTDOWN_TIMEOUT,
@@ -95,7 +96,7 @@ pub async fn shutdown_vm(
 )]
 pub async fn kill_vm(
     State(st): State<AppState>,
-    Path(vm): Path<String>,
+    VmParam(vm): VmParam,
 ) -> Result<Json<VmInfo>, Failure> {
     let rec = st.vm_op(vm, |m, id| m.kill(id)).await?;
     Ok(Json(vm_info(&rec)))
@@ -118,7 +119,7 @@ pub async fn kill_vm(
 )]
 pub async fn reboot_vm(
     State(st): State<AppState>,
-    Path(vm): Path<String>,
+    VmParam(vm): VmParam,
 ) -> Result<Json<VmInfo>, Failure> {
     let rec = st.vm_op(vm, |m, id| m.reboot(id)).await?;
     Ok(Json(vm_info(&rec)))
@@ -139,7 +140,7 @@ pub async fn reboot_vm(
 )]
 pub async fn pause_vm(
     State(st): State<AppState>,
-    Path(vm): Path<String>,
+    VmParam(vm): VmParam,
 ) -> Result<Json<VmInfo>, Failure> {
     let rec = st.vm_op(vm, |m, id| m.pause(id)).await?;
     Ok(Json(vm_info(&rec)))
@@ -160,7 +161,7 @@ pub async fn pause_vm(
 )]
 pub async fn resume_vm(
     State(st): State<AppState>,
-    Path(vm): Path<String>,
+    VmParam(vm): VmParam,
 ) -> Result<Json<VmInfo>, Failure> {
     let rec = st.vm_op(vm, |m, id| m.resume(id)).await?;
     Ok(Json(vm_info(&rec)))
@@ -181,7 +182,7 @@ pub async fn resume_vm(
 )]
 pub async fn vm_stats(
     State(st): State<AppState>,
-    Path(vm): Path<String>,
+    VmParam(vm): VmParam,
 ) -> Result<Json<VmStats>, Failure> {
     // Reads only: no VM lock (a stats call must not wait behind a 30 s shutdown).
     let m = st.manager().clone();

@@ -44,8 +44,11 @@ pub(crate) use vms::api_state;
 use crate::error::StoreError;
 use crate::manager::{Manager, OpError};
 use crate::store::Store;
+use axum::body::{Body, Bytes};
+use axum::extract::{FromRequest, Request};
 use axum::http::{Method, StatusCode, Uri};
-use axum::response::IntoResponse;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use axum::Router;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
@@ -206,7 +209,24 @@ pub fn router(state: AppState) -> Router {
     router
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn(read_whole_body))
         .with_state(state)
+}
+
+/// Reads each request's whole body (at most axum's default limit, 2 MiB) before its route runs.
+/// An answer given before the body was read (a 404, a 405, an action that takes no body) would
+/// otherwise make hyper close the connection right after the answer, while the client may
+/// still be sending: a keep-alive client's next request then fails, and a client behind a TCP
+/// bridge can lose the answer itself ("connection closed without response").
+async fn read_whole_body(req: Request, next: Next) -> Response {
+    let (parts, body) = req.into_parts();
+    match Bytes::from_request(Request::new(body), &()).await {
+        Ok(bytes) => {
+            next.run(Request::from_parts(parts, Body::from(bytes)))
+                .await
+        }
+        Err(r) => input::body_failure(r).into_response(),
+    }
 }
 
 /// Serves the API on `listener` until the listener fails.

@@ -1,13 +1,13 @@
 //! `/v1/vms`: define, list, look up and delete VMs.
 
 use super::failure::Failure;
-use super::input::{json_body, query_bool, query_pairs};
+use super::input::{json_body, query_bool, query_pairs, VmParam};
 use super::AppState;
 use crate::store::{self, now_millis, validate_name, VmRecord};
 use api::{ApiError, CreateVm, VmInfo};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::http::StatusCode;
 use axum::Json;
 
@@ -114,7 +114,7 @@ pub async fn list_vms(State(st): State<AppState>) -> Result<Json<Vec<VmInfo>>, F
 )]
 pub async fn get_vm(
     State(st): State<AppState>,
-    Path(vm): Path<String>,
+    VmParam(vm): VmParam,
 ) -> Result<Json<VmInfo>, Failure> {
     let rec = st.blocking(move |s| s.get(&vm)).await?;
     Ok(Json(vm_info(&rec)))
@@ -140,13 +140,13 @@ pub async fn get_vm(
 )]
 pub async fn delete_vm(
     State(st): State<AppState>,
-    Path(vm): Path<String>,
+    VmParam(vm): VmParam,
     RawQuery(query): RawQuery,
 ) -> Result<Json<VmInfo>, Failure> {
     let mut force = false;
     for (k, v) in query_pairs(query.as_deref(), &["force"])? {
         if k == "force" {
-            force = query_bool(k, v)?;
+            force = query_bool(&k, &v)?;
         }
     }
     let rec = st.vm_op(vm, move |m, id| m.delete(id, force)).await?;
