@@ -272,8 +272,9 @@ pub struct VmConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>)]
     pub firmware: Option<PathBuf>,
-    /// Number of vCPUs.
+    /// Number of vCPUs (at least 1; at most KVM's limit and 254).
     #[serde(default = "default_cpus")]
+    #[schema(minimum = 1, maximum = 254)]
     pub cpus: u32,
     /// Guest RAM.
     #[serde(default = "default_memory")]
