@@ -544,3 +544,44 @@ fn daemon_refuses_bad_options_with_clear_messages() {
     assert_eq!(out.status.code(), Some(2), "{}", out.stderr);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_start_cut_short_by_a_daemon_death_is_recorded_and_retried() {
+    if !kvm_available("start cut short") {
+        return;
+    }
+    let dir = scratch("dcut");
+    let mut d = Daemon::start(&dir);
+    let idle = idle_fw(&dir);
+    d.post_ok("/v1/vms", &create_body("cut", &idle, "never", false), 201);
+    d.post_ok("/v1/vms", &create_body("late", &idle, "never", false), 201);
+    d.signal_and_wait(libc::SIGKILL);
+    // What a daemon killed in the middle of a launch leaves: `starting`, wanted running; and a
+    // VM created with `start` whose start never began.
+    {
+        let store = ::daemon::Store::open(&d.state).expect("store");
+        store
+            .set_desired("cut", ::daemon::DesiredState::Running)
+            .expect("desired");
+        store
+            .set_state("cut", ::daemon::VmState::Starting)
+            .expect("starting");
+        store
+            .set_desired("late", ::daemon::DesiredState::Running)
+            .expect("desired");
+    }
+    d.restart();
+    let v = d.wait_vm("cut", "started again", |v| v["state"] == "running");
+    assert_eq!(v["restart_count"], 1, "{v}");
+    let id = v["id"].as_str().expect("id").to_string();
+    let kinds = d.event_kinds(&id);
+    assert!(
+        kinds.ends_with(&["crashed".into(), "restarted".into(), "started".into()]),
+        "{kinds:?}"
+    );
+    let crashed = d.events(&id);
+    assert!(crashed.iter().any(|e| e["detail"]["reason"]
+        .as_str()
+        .is_some_and(|r| r.contains("daemon stopped while the VM was starting"))));
+    d.wait_vm("late", "started", |v| v["state"] == "running");
+}

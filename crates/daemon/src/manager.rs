@@ -268,6 +268,22 @@ impl Manager {
     pub fn recover(&self) -> Result<usize, OpError> {
         let mut adopted = 0;
         for rec in self.inner.store.list()? {
+            let name = rec.name.clone();
+            match self.recover_one(rec) {
+                Ok(true) => adopted += 1,
+                Ok(false) => {}
+                // One VM's trouble must not keep the daemon (and every other VM) down.
+                Err(e) => tracing::error!("VM {name}: recovering it: {e}"),
+            }
+        }
+        self.changed();
+        Ok(adopted)
+    }
+
+    /// [`Manager::recover`] for one VM; `Ok(true)` when its VMM was adopted.
+    fn recover_one(&self, rec: VmRecord) -> Result<bool, OpError> {
+        let mut adopted = false;
+        {
             let id = rec.id.to_string();
             let _guard = self.lock_vm_blocking(&id);
             let paths = self.vm_paths(&id);
@@ -278,7 +294,7 @@ impl Manager {
                         (rt.pid, rt.pid_start_time, rt.control_socket.clone())
                     else {
                         self.record_lost(&rec, &paths, "no pid was recorded")?;
-                        continue;
+                        return Ok(false);
                     };
                     match self.inner.supervisor.adopt(
                         id.clone(),
@@ -288,7 +304,7 @@ impl Manager {
                         paths.exit_report.clone(),
                     ) {
                         Ok(()) => {
-                            adopted += 1;
+                            adopted = true;
                             self.inner.store.record_adopted(&id)?;
                             if let Some(console) = &rt.console_socket {
                                 self.spawn_console(&id, console);
@@ -314,7 +330,9 @@ impl Manager {
                         true,
                     )?;
                     if rec.desired_state == DesiredState::Running {
-                        self.queue_restart(&id, now_millis());
+                        let now = now_millis();
+                        self.inner.store.schedule_restart(&id, now)?;
+                        self.queue_restart(&id, now);
                     }
                 }
                 VmState::Created | VmState::Crashed | VmState::Exited | VmState::Stopped => {
