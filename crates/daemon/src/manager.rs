@@ -388,13 +388,16 @@ impl Manager {
     /// Attaches to VM `id`'s console. The VM must be running.
     pub fn attach_console(&self, vm: &str) -> Result<(VmRecord, Attachment), OpError> {
         let rec = self.inner.store.get(vm)?;
-        if !rec.runtime.state.is_live() {
+        if !matches!(
+            rec.runtime.state,
+            VmState::Running | VmState::Paused | VmState::Stopping
+        ) {
             return Err(conflict(&rec, "attach to its console (it is not running)"));
         }
         let consoles = lock(&self.inner.consoles);
-        let hub = consoles.get(rec.id.as_str()).ok_or_else(|| {
-            OpError::Internal(format!("VM {}: its console is not connected", rec.name))
-        })?;
+        let hub = consoles
+            .get(rec.id.as_str())
+            .ok_or_else(|| conflict(&rec, "attach to its console (not connected yet)"))?;
         let a = hub.attach();
         Ok((rec, a))
     }
