@@ -5,6 +5,7 @@
 
 mod common;
 
+use common::pty::{openpty, Pty};
 use common::*;
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -844,36 +845,6 @@ fn events_follow_json() {
     assert_eq!(out.code(), 1, "{out:?}");
     let printed: Value = serde_json::from_str(out.stdout.trim_end()).unwrap();
     assert_eq!(printed, e8);
-}
-
-/// A pseudo-terminal: the console's stdin is its slave end, the test types on the master.
-struct Pty {
-    master: std::fs::File,
-    slave: std::os::fd::OwnedFd,
-}
-
-fn openpty() -> Pty {
-    use std::os::fd::FromRawFd;
-    let (mut m, mut s) = (0, 0);
-    // SAFETY: openpty writes two descriptors into the provided ints; null name/termios/winsize
-    // are allowed.
-    let r = unsafe {
-        libc::openpty(
-            &mut m,
-            &mut s,
-            std::ptr::null_mut(),
-            std::ptr::null(),
-            std::ptr::null(),
-        )
-    };
-    assert_eq!(r, 0, "openpty: {}", std::io::Error::last_os_error());
-    // SAFETY: both descriptors were just opened and are owned here.
-    unsafe {
-        Pty {
-            master: std::fs::File::from_raw_fd(m),
-            slave: std::os::fd::OwnedFd::from_raw_fd(s),
-        }
-    }
 }
 
 fn canonical(fd: &std::os::fd::OwnedFd) -> bool {

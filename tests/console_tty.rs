@@ -5,40 +5,13 @@
 mod common;
 
 use common::firmware::Program;
+use common::pty::{openpty, Pty};
 use common::*;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
-
-struct Pty {
-    master: File,
-    slave: OwnedFd,
-}
-
-fn openpty() -> Pty {
-    let (mut m, mut s) = (0, 0);
-    // SAFETY: openpty writes two descriptors into the provided ints; null name/termios/winsize
-    // are allowed.
-    let r = unsafe {
-        libc::openpty(
-            &mut m,
-            &mut s,
-            std::ptr::null_mut(),
-            std::ptr::null(),
-            std::ptr::null(),
-        )
-    };
-    assert_eq!(r, 0, "openpty: {}", std::io::Error::last_os_error());
-    // SAFETY: both descriptors were just opened and are owned here.
-    unsafe {
-        Pty {
-            master: File::from_raw_fd(m),
-            slave: OwnedFd::from_raw_fd(s),
-        }
-    }
-}
 
 fn lflag(fd: &OwnedFd) -> libc::tcflag_t {
     // SAFETY: termios is plain data; tcgetattr fills it.

@@ -7,6 +7,7 @@ pub mod firmware;
 #[path = "../../crates/daemon/tests/http/mod.rs"]
 pub mod http;
 pub mod lab;
+pub mod pty;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
