@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::lab::{lab_available, run_scenario};
+use common::lab::{field, lab_available, run_scenario};
 use std::time::Duration;
 
 /// The guest's /scenario.sh: says it is ready, then echoes every console line back.
@@ -89,13 +89,6 @@ kill -TERM $dpid; wait $dpid
 echo "=== daemon log"
 cat /tmp/daemon.log
 "#;
-
-/// The value of `key=` on the first line containing `tag`.
-fn field<'a>(text: &'a str, tag: &str, key: &str) -> Option<&'a str> {
-    let line = text.lines().find(|l| l.contains(tag))?;
-    line.split_whitespace()
-        .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
-}
 
 #[test]
 fn three_stock_vms_under_the_daemon_survive_a_vmm_kill_and_a_daemon_restart() {

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::lab::{lab_available, run_scenario};
+use common::lab::{field, lab_available, run_scenario};
 use std::time::Duration;
 
 /// Runs inside the guest (appended to its initramfs as /scenario.sh): reports what the power
@@ -33,13 +33,6 @@ wait $fvjob
 t2=$(now_ms)
 echo "HOST-SHUTDOWN ctl-rc=$ctlrc answer=$(tr -d ' \n' < /tmp/shutdown-answer.out) answer-ms=$((t1 - t0)) exit-ms=$((t2 - t0)) socket-left=$(ls /tmp/fv.ctl 2>/dev/null | wc -l)"
 "#;
-
-/// The value of `key=` on the first line of `text` containing `tag`.
-fn field<'a>(text: &'a str, tag: &str, key: &str) -> Option<&'a str> {
-    let line = text.lines().find(|l| l.contains(tag))?;
-    line.split_whitespace()
-        .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
-}
 
 #[test]
 fn ctl_shutdown_presses_the_power_button_and_the_guest_powers_off() {

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::lab::{lab_available, run_scenario, LabRun};
+use common::lab::{field, lab_available, run_scenario, LabRun};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -14,13 +14,6 @@ fn guest_file(dir: &std::path::Path, name: &str, text: &str) -> PathBuf {
     let p = dir.join(name);
     std::fs::write(&p, text).unwrap();
     p
-}
-
-/// The value of `key=` on the first line of `text` containing `tag`.
-fn field<'a>(text: &'a str, tag: &str, key: &str) -> Option<&'a str> {
-    let line = text.lines().find(|l| l.contains(tag))?;
-    line.split_whitespace()
-        .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
 }
 
 fn run(name: &str, scenario: &str, adds: &[(PathBuf, &str)]) -> LabRun {

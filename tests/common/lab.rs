@@ -155,6 +155,13 @@ fn lab_command(script: &std::path::Path, adds: &[(PathBuf, &str)], lab_args: &[&
     cmd
 }
 
+/// The value of `key=` on the first line of `text` containing `tag`.
+pub fn field<'a>(text: &'a str, tag: &str, key: &str) -> Option<&'a str> {
+    let line = text.lines().find(|l| l.contains(tag))?;
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+}
+
 /// A `key=value` field of the guest's `FV-INFO` line in `text`.
 pub fn info_field(text: &str, key: &str) -> Option<u64> {
     let line = text.lines().find(|l| l.contains("FV-INFO"))?;
