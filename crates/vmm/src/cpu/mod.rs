@@ -378,6 +378,7 @@ impl Vcpu {
     /// Turns an end of the run loop into the event the VM acts on (reading registers for
     /// faults, which needs the exit's borrow of the vCPU to be over).
     fn resolve(&mut self, end: VcpuEnd) -> VmEvent {
+        let triple = matches!(end, VcpuEnd::TripleFault);
         let kind = match end {
             VcpuEnd::Request(r) => return VmEvent::Request(r),
             VcpuEnd::TripleFault => "triple fault (KVM_EXIT_SHUTDOWN): the guest CPU hit an \
@@ -409,10 +410,21 @@ exception it could not handle"
             VcpuEnd::Unexpected(what) => format!("unexpected vCPU exit: {what}"),
             VcpuEnd::RunFailed(e) => format!("KVM_RUN failed: {e}"),
         };
+        let mut registers = String::new();
+        if triple && in_reset_state(&self.fd) {
+            // KVM on AMD reinitialises the VMCB on a shutdown intercept (it is undefined
+            // afterwards), so the vCPU reads back as just reset: say so, or the dump would point
+            // at the reset vector as if the guest had faulted there.
+            registers.push_str(
+                "note: KVM reset this vCPU when it reported the shutdown (KVM on AMD SVM does): \
+the registers below are the reset state, not the state at the fault\n",
+            );
+        }
+        registers.push_str(&dump_registers(&self.fd));
         VmEvent::Fault(Box::new(FaultReport {
             vcpu: self.id,
             kind,
-            registers: dump_registers(&self.fd),
+            registers,
             hint: self.hint.map(str::to_string),
         }))
     }
@@ -426,6 +438,17 @@ enum VcpuEnd {
     FailEntry(u64, u32),
     Unexpected(String),
     RunFailed(kvm_ioctls::Error),
+}
+
+/// Whether the vCPU holds the architectural reset state (CS:IP f000:fff0 with CS base
+/// 0xffff0000, real mode).
+fn in_reset_state(fd: &VcpuFd) -> bool {
+    match (fd.get_regs(), fd.get_sregs()) {
+        (Ok(r), Ok(s)) => {
+            r.rip == 0xfff0 && s.cs.selector == 0xf000 && s.cs.base == 0xffff_0000 && s.cr0 & 1 == 0
+        }
+        _ => false,
+    }
 }
 
 /// Registers of a vCPU, formatted for a fault report.
@@ -519,6 +542,23 @@ mod tests {
         ctl.request_pause();
         ctl.resume();
         assert!(!ctl.wait_runnable());
+    }
+
+    #[test]
+    fn reset_state_is_recognised() {
+        // Needs a KVM (any flavour: a vCPU is created, never run).
+        let Ok(kvm) = kvm_ioctls::Kvm::new() else {
+            eprintln!("SKIPPED reset_state_is_recognised: no usable /dev/kvm");
+            return;
+        };
+        let vm = kvm.create_vm().expect("KVM_CREATE_VM");
+        let vcpu = vm.create_vcpu(0).expect("KVM_CREATE_VCPU");
+        // A new vCPU holds the reset state, which is what KVM on AMD leaves after a shutdown.
+        assert!(in_reset_state(&vcpu));
+        let mut regs = vcpu.get_regs().expect("KVM_GET_REGS");
+        regs.rip = 0x1000;
+        vcpu.set_regs(&regs).expect("KVM_SET_REGS");
+        assert!(!in_reset_state(&vcpu));
     }
 
     #[test]
