@@ -585,3 +585,58 @@ fn a_start_cut_short_by_a_daemon_death_is_recorded_and_retried() {
         .is_some_and(|r| r.contains("daemon stopped while the VM was starting"))));
     d.wait_vm("late", "started", |v| v["state"] == "running");
 }
+
+/// Reads `n` bytes (or more) from `s` within `limit`; panics with how far it got.
+fn read_at_least(s: &mut std::os::unix::net::UnixStream, n: usize, limit: Duration) {
+    use std::io::Read;
+    let deadline = Instant::now() + limit;
+    let mut total = 0usize;
+    let mut buf = vec![0u8; 64 * 1024];
+    while total < n {
+        assert!(
+            Instant::now() < deadline,
+            "only {total} of {n} console bytes in {limit:?}"
+        );
+        match s.read(&mut buf) {
+            Ok(0) => panic!("console closed after {total} of {n} bytes"),
+            Ok(k) => total += k,
+            Err(e) => panic!("console read after {total} of {n} bytes: {e}"),
+        }
+    }
+}
+
+#[test]
+fn console_survives_a_stalled_daemon() {
+    if !kvm_available("console_survives_a_stalled_daemon") {
+        return;
+    }
+    let dir = scratch("dflood");
+    let d = Daemon::start(&dir);
+    let fw = write_firmware(
+        &dir,
+        "flood.bin",
+        &Program::new().print_forever("0123456789abcdef\n").build(),
+    );
+    let v = d.post_ok("/v1/vms", &create_body("f1", &fw, "never", true), 201);
+    assert_eq!(v["state"], "running", "{v}");
+    let mut con = d.console("f1");
+    read_at_least(&mut con, 256 * 1024, Duration::from_secs(30));
+    drop(con);
+    // The daemon stops reading for 3 s (as when it is starved of CPU): its connection to the
+    // VMM's console fills up and the VMM, which never lets a client stall the guest, drops it
+    // after a second, keeping what it could not send.
+    let pid = d.pid() as libc::pid_t;
+    // SAFETY: kill has no memory effects.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    std::thread::sleep(Duration::from_secs(3));
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+    // The console goes on: a client attached now gets live output far beyond what was
+    // buffered when the daemon stopped (the history, the socket's buffer and the VMM's
+    // backlog hold well under 1 MiB).
+    let mut con = d.console("f1");
+    read_at_least(&mut con, 2 * 1024 * 1024, Duration::from_secs(60));
+    drop(con);
+    let r = d.delete("/v1/vms/f1?force=true");
+    assert!(r.status < 300, "{}", r.text());
+}

@@ -83,6 +83,19 @@ impl Program {
         self
     }
 
+    /// Writes `text` to COM1 over and over, forever.
+    pub fn print_forever(mut self, text: &str) -> Self {
+        self.mov_dx(COM1);
+        let top = self.code.len();
+        for b in text.bytes() {
+            self.code.extend_from_slice(&[0xb0, b, 0xee]);
+        }
+        let rel = top as isize - (self.code.len() as isize + 2);
+        let rel = i8::try_from(rel).expect("text too long for a short jump");
+        self.code.extend_from_slice(&[0xeb, rel as u8]);
+        self
+    }
+
     /// Spins forever (`jmp $`).
     pub fn spin(mut self) -> Self {
         self.code.extend_from_slice(&[0xeb, 0xfe]);

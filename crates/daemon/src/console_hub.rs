@@ -22,8 +22,12 @@ pub const HISTORY: usize = 64 * 1024;
 /// A console log larger than this is cut down to its last [`HISTORY`] bytes when a hub starts.
 const LOG_MAX: u64 = 4 * 1024 * 1024;
 
-/// How long the hub keeps trying to connect to a fresh VMM's console socket.
-const CONNECT_FOR: Duration = Duration::from_secs(10);
+/// After this long without a connection to the VMM's console socket the hub logs a warning
+/// (it keeps trying for as long as it lives).
+const CONNECT_WARN_AFTER: Duration = Duration::from_secs(10);
+
+/// The longest pause between two connection attempts.
+const CONNECT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// A running hub; stops (and disconnects its clients) when dropped.
 pub struct ConsoleHub {
@@ -113,16 +117,24 @@ impl Drop for ConsoleHub {
     }
 }
 
-async fn connect(path: &Path) -> Option<tokio::net::UnixStream> {
-    let deadline = tokio::time::Instant::now() + CONNECT_FOR;
+/// Connects to the console socket, trying until it answers: at a VMM's start the socket may
+/// not be there yet, and after a lost connection the VMM accepts a new one. The hub lives as long
+/// as the VMM (the manager drops it at the VMM's exit), which bounds the attempts.
+async fn connect(path: &Path) -> tokio::net::UnixStream {
+    let start = tokio::time::Instant::now();
+    let mut pause = Duration::from_millis(50);
+    let mut warned = false;
     loop {
         match tokio::net::UnixStream::connect(path).await {
-            Ok(s) => return Some(s),
-            Err(e) if tokio::time::Instant::now() >= deadline => {
-                tracing::warn!("console {}: {e}", path.display());
-                return None;
+            Ok(s) => return s,
+            Err(e) => {
+                if !warned && start.elapsed() >= CONNECT_WARN_AFTER {
+                    tracing::warn!("console {}: {e} (still trying)", path.display());
+                    warned = true;
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(CONNECT_BACKOFF_MAX);
             }
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     }
 }
@@ -147,40 +159,45 @@ async fn pump(
     mut input: mpsc::Receiver<Vec<u8>>,
     mut log: Option<std::fs::File>,
 ) {
-    let Some(stream) = connect(&path).await else {
-        return;
-    };
-    let (mut rd, mut wr) = stream.into_split();
     let mut buf = vec![0u8; 4096];
     loop {
-        tokio::select! {
-            n = rd.read(&mut buf) => {
-                let n = match n {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => n,
-                };
-                let chunk = &buf[..n];
-                if let Some(f) = log.as_mut() {
-                    // Small appends to a local file; a failing disk only loses the log.
-                    if f.write_all(chunk).is_err() {
-                        log = None;
+        let stream = connect(&path).await;
+        let (mut rd, mut wr) = stream.into_split();
+        // Serves one connection until it ends. The VMM drops a client whose socket stayed full
+        // for a second (a daemon starved of CPU, a burst of output), keeping what it could not
+        // send for the next one: connect again and carry on, or the VM's console would stay
+        // dark for the rest of its life.
+        loop {
+            tokio::select! {
+                n = rd.read(&mut buf) => {
+                    let n = match n {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    let chunk = &buf[..n];
+                    if let Some(f) = log.as_mut() {
+                        // Small appends to a local file; a failing disk only loses the log.
+                        if f.write_all(chunk).is_err() {
+                            log = None;
+                        }
                     }
+                    {
+                        let mut h = history.lock().unwrap_or_else(PoisonError::into_inner);
+                        h.extend(chunk.iter().copied());
+                        let excess = h.len().saturating_sub(HISTORY);
+                        h.drain(..excess);
+                    }
+                    // No receiver is fine: output is kept in the history only.
+                    let _ = output.send(chunk.to_vec());
                 }
-                {
-                    let mut h = history.lock().unwrap_or_else(PoisonError::into_inner);
-                    h.extend(chunk.iter().copied());
-                    let excess = h.len().saturating_sub(HISTORY);
-                    h.drain(..excess);
-                }
-                // No receiver is fine: output is kept in the history only.
-                let _ = output.send(chunk.to_vec());
-            }
-            Some(bytes) = input.recv() => {
-                if wr.write_all(&bytes).await.is_err() {
-                    return;
+                Some(bytes) = input.recv() => {
+                    if wr.write_all(&bytes).await.is_err() {
+                        break;
+                    }
                 }
             }
         }
+        tracing::debug!("console {}: connection ended; reconnecting", path.display());
     }
 }
 
@@ -225,18 +242,26 @@ mod tests {
             .expect("timeout");
         vmm.read_exact(&mut buf).expect("input reaches the VMM");
         assert_eq!(&buf, b"typed");
-        // The VMM goes away: attached clients see the end.
+        // The VMM drops the hub's connection (it does when the socket stays full for a second):
+        // the hub connects again and the attached client goes on receiving.
         drop(vmm);
+        let (mut vmm, _) = listener.accept().expect("hub reconnects");
+        vmm.write_all(b"again").expect("write");
+        let got =
+            rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), out.recv()).await });
+        assert_eq!(got.expect("in time").expect("open"), b"again");
+        // The VMM ends (the manager then drops its hub): attached clients see the end.
+        drop(vmm);
+        drop(hub);
         let end =
             rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), out.recv()).await });
         assert!(matches!(
             end.expect("in time"),
             Err(broadcast::error::RecvError::Closed)
         ));
-        drop(hub);
         // Everything went to the log too; a new hub starts from its tail.
         let log = std::fs::read(dir.join("console.log")).expect("log");
-        assert_eq!(log.len(), big.len() + 4);
+        assert_eq!(log.len(), big.len() + 4 + 5);
         let hub = ConsoleHub::spawn(rt.handle(), &sock, &dir.join("console.log"));
         assert_eq!(hub.attach().history.as_slice(), &log[log.len() - HISTORY..]);
         let _ = std::fs::remove_dir_all(&dir);

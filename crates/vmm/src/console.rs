@@ -51,8 +51,16 @@ impl SocketOut {
         {
             self.backlog.clear();
             self.client = Some(client);
+        } else {
+            hang_up(&client);
         }
     }
+}
+
+/// Ends a socket client's connection both ways: the thread reading its input sees the end (it
+/// holds a clone of the socket, so dropping ours would not close it) and so does the client.
+fn hang_up(stream: &UnixStream) {
+    let _ = stream.shutdown(std::net::Shutdown::Both);
 }
 
 type SharedStream = Arc<Mutex<SocketOut>>;
@@ -82,8 +90,11 @@ impl Write for Output {
                 };
                 if !sent {
                     // No client, or it went away (or stopped reading): keep the output for
-                    // the next one.
-                    guard.client = None;
+                    // the next one. A client that stopped reading is hung up on, so that it
+                    // sees the end (and may connect again) and the listener accepts the next.
+                    if let Some(stream) = guard.client.take() {
+                        hang_up(&stream);
+                    }
                     guard.keep(buf);
                 }
             }
