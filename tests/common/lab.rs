@@ -126,10 +126,10 @@ pub fn run_scenario_with(
     // KVM (with QEMU as the nested VMM too), and guests sometimes triple-fault or stall at
     // random points (during boot with no device but the serial port, mid-transfer, after
     // /init), in another test each time — more often than QEMU's guests under the same
-    // concurrent load, which is open (see tests/lab/README.md). A CI run of the nine lab tests met two such events
-    // in one test, so up to two more runs, each of which must pass on its own; every failed
-    // run's log stays on disk and its evidence in the test's output, so a real regression —
-    // which fails every time — still fails.
+    // concurrent load, which is open (see tests/lab/README.md). A CI run of the nine lab tests
+    // met two such events in one test, so up to two more runs, each of which must pass on its
+    // own; every failed run's log stays on disk and its evidence in the test's output, so a
+    // real regression — which fails every time — still fails.
     for attempt in 2..=LAB_ATTEMPTS {
         let Some(why) = lab_instability(&output.stdout) else {
             break;
