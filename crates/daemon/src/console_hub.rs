@@ -1,8 +1,9 @@
 //! One VM's serial console, shared by every client attached through the API.
 //!
-//! The VMM serves its console on a Unix socket (`console.sock`) to one client at a time and
-//! drops output while no one is connected; a client that stops reading would stall the guest's
-//! serial writes. A [`ConsoleHub`] is that one client, for the whole life of the VMM: it always
+//! The VMM serves its console on a Unix socket (`console.sock`) to one client at a time, keeps
+//! only its last 64 KiB of output while no one is connected, and hangs up on a client that
+//! stops reading for a second (it must not stall the guest's serial writes). A [`ConsoleHub`] is
+//! that one client, for the whole life of the VMM (reconnecting if it is hung up on): it always
 //! reads, keeps the last [`HISTORY`] bytes (so an attaching user sees the recent output, e.g.
 //! the login prompt), fans output out to every attached client (a slow one loses output, never
 //! stalls the guest) and forwards their input.
