@@ -586,25 +586,6 @@ fn a_start_cut_short_by_a_daemon_death_is_recorded_and_retried() {
     d.wait_vm("late", "started", |v| v["state"] == "running");
 }
 
-/// Reads `n` bytes (or more) from `s` within `limit`; panics with how far it got.
-fn read_at_least(s: &mut std::os::unix::net::UnixStream, n: usize, limit: Duration) {
-    use std::io::Read;
-    let deadline = Instant::now() + limit;
-    let mut total = 0usize;
-    let mut buf = vec![0u8; 64 * 1024];
-    while total < n {
-        assert!(
-            Instant::now() < deadline,
-            "only {total} of {n} console bytes in {limit:?}"
-        );
-        match s.read(&mut buf) {
-            Ok(0) => panic!("console closed after {total} of {n} bytes"),
-            Ok(k) => total += k,
-            Err(e) => panic!("console read after {total} of {n} bytes: {e}"),
-        }
-    }
-}
-
 #[test]
 fn console_survives_a_stalled_daemon() {
     if !kvm_available("console_survives_a_stalled_daemon") {

@@ -279,18 +279,7 @@ fn serial_socket_backend_is_interactive_and_removed_at_exit() {
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
     let child = cmd.spawn().unwrap();
-    let mut stream = None;
-    for _ in 0..500 {
-        if let Ok(s) = std::os::unix::net::UnixStream::connect(&sock) {
-            stream = Some(s);
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let mut stream = stream.expect("console socket never appeared");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
+    let mut stream = connect_console(&sock);
     stream.write_all(b"hi q").unwrap();
     let mut got = Vec::new();
     let _ = stream.read_to_end(&mut got);
@@ -322,37 +311,17 @@ fn serial_socket_client_that_stops_reading_is_hung_up_on_and_the_next_one_served
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped());
     let mut child = cmd.spawn().unwrap();
-    let connect = || {
-        for _ in 0..500 {
-            if let Ok(s) = std::os::unix::net::UnixStream::connect(&sock) {
-                s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-                return s;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        panic!("console socket never appeared");
-    };
     // A client that reads nothing: its socket fills, and a second later the VMM hangs up on it
     // (the guest goes on). Reading it now drains what was buffered, then the end.
-    let mut stalled = connect();
+    let mut stalled = connect_console(&sock);
     std::thread::sleep(Duration::from_secs(4));
     let mut drained = Vec::new();
     let r = stalled.read_to_end(&mut drained);
     assert!(r.is_ok(), "no end for the stalled client: {r:?}");
     assert!(!drained.is_empty());
     // The next client is served: the backlog, then live output.
-    let mut next = connect();
-    let mut got = 0usize;
-    let mut buf = vec![0u8; 64 * 1024];
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while got < 1024 * 1024 {
-        assert!(std::time::Instant::now() < deadline, "only {got} bytes");
-        match next.read(&mut buf) {
-            Ok(0) => panic!("closed after {got} bytes"),
-            Ok(n) => got += n,
-            Err(e) => panic!("read after {got} bytes: {e}"),
-        }
-    }
+    let mut next = connect_console(&sock);
+    read_at_least(&mut next, 1024 * 1024, Duration::from_secs(30));
     child.kill().unwrap();
     let _ = child.wait();
 }

@@ -135,6 +135,39 @@ pub fn run(mut cmd: Command, timeout: Duration) -> Output {
 }
 
 /// Writes a firmware image into `dir` and returns its path.
+/// Reads `n` bytes (or more) from `s` within `limit`, discarding them; panics with how far it
+/// got (a read timeout on `s` bounds each read).
+pub fn read_at_least(s: &mut impl Read, n: usize, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    let mut total = 0usize;
+    let mut buf = vec![0u8; 64 * 1024];
+    while total < n {
+        assert!(
+            Instant::now() < deadline,
+            "only {total} of {n} bytes in {limit:?}"
+        );
+        match s.read(&mut buf) {
+            Ok(0) => panic!("closed after {total} of {n} bytes"),
+            Ok(k) => total += k,
+            Err(e) => panic!("read after {total} of {n} bytes: {e}"),
+        }
+    }
+}
+
+/// Connects to a VMM's console socket at `sock` (waiting up to 5 s for it to appear), with a
+/// 20 s read timeout.
+pub fn connect_console(sock: &Path) -> std::os::unix::net::UnixStream {
+    for _ in 0..500 {
+        if let Ok(s) = std::os::unix::net::UnixStream::connect(sock) {
+            s.set_read_timeout(Some(Duration::from_secs(20)))
+                .expect("read timeout");
+            return s;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("console socket {} never appeared", sock.display());
+}
+
 pub fn write_firmware(dir: &Path, name: &str, image: &[u8]) -> PathBuf {
     let p = dir.join(name);
     std::fs::write(&p, image).unwrap();
