@@ -3,14 +3,13 @@
 mod cli;
 
 use anyhow::Context;
+use api::control::VmCommand;
 use clap::{Parser, Subcommand, ValueEnum};
+use config::exit_report::ExitReport;
+use config::{BalloonConfig, ByteSize, DiskConfig, NetConfig, SerialConfig, VmConfig, VsockConfig};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
-use vmm::config::{
-    BalloonConfig, ByteSize, DiskConfig, NetConfig, SerialConfig, VmConfig, VsockConfig,
-};
-use vmm::exit_report::ExitReport;
 use vmm::kvm::{KvmFlavour, KVM_PATH, PVM_HINT};
 use vmm::vm::{ExitReason, Vm, EXIT_SETUP_ERROR};
 
@@ -180,33 +179,27 @@ struct VmConfigArgs {
 }
 
 fn parse_size(s: &str) -> Result<ByteSize, String> {
-    s.parse()
-        .map_err(|e: vmm::config::ConfigError| e.to_string())
+    s.parse().map_err(|e: config::ConfigError| e.to_string())
 }
 
 fn parse_serial(s: &str) -> Result<SerialConfig, String> {
-    s.parse()
-        .map_err(|e: vmm::config::ConfigError| e.to_string())
+    s.parse().map_err(|e: config::ConfigError| e.to_string())
 }
 
 fn parse_disk(s: &str) -> Result<DiskConfig, String> {
-    s.parse()
-        .map_err(|e: vmm::config::ConfigError| e.to_string())
+    s.parse().map_err(|e: config::ConfigError| e.to_string())
 }
 
 fn parse_net(s: &str) -> Result<NetConfig, String> {
-    s.parse()
-        .map_err(|e: vmm::config::ConfigError| e.to_string())
+    s.parse().map_err(|e: config::ConfigError| e.to_string())
 }
 
 fn parse_vsock(s: &str) -> Result<VsockConfig, String> {
-    s.parse()
-        .map_err(|e: vmm::config::ConfigError| e.to_string())
+    s.parse().map_err(|e: config::ConfigError| e.to_string())
 }
 
 fn parse_balloon(s: &str) -> Result<BalloonConfig, String> {
-    s.parse()
-        .map_err(|e: vmm::config::ConfigError| e.to_string())
+    s.parse().map_err(|e: config::ConfigError| e.to_string())
 }
 
 impl VmConfigArgs {
@@ -299,7 +292,7 @@ fn run_and_report(args: &RunArgs, started: Instant) -> anyhow::Result<u8> {
     let result = run(args, started);
     if let Some(path) = &args.exit_report {
         let report = match &result {
-            Ok(reason) => ExitReport::from_reason(reason),
+            Ok(reason) => reason.exit_report(),
             Err(e) => ExitReport::error(format!("{e:#}")),
         };
         if let Err(e) = report.write(path) {
@@ -310,15 +303,16 @@ fn run_and_report(args: &RunArgs, started: Instant) -> anyhow::Result<u8> {
 }
 
 fn ctl(socket: &std::path::Path, request: &CtlRequest) -> anyhow::Result<u8> {
-    let req = match request {
-        CtlRequest::Status => serde_json::json!({"cmd": "status"}),
-        CtlRequest::Stats => serde_json::json!({"cmd": "stats"}),
-        CtlRequest::Pause => serde_json::json!({"cmd": "pause"}),
-        CtlRequest::Resume => serde_json::json!({"cmd": "resume"}),
-        CtlRequest::Stop => serde_json::json!({"cmd": "stop"}),
-        CtlRequest::Shutdown => serde_json::json!({"cmd": "shutdown"}),
-        CtlRequest::Balloon { size } => serde_json::json!({"cmd": "balloon", "size": size.0}),
+    let command = match request {
+        CtlRequest::Status => VmCommand::Status,
+        CtlRequest::Stats => VmCommand::Stats,
+        CtlRequest::Pause => VmCommand::Pause,
+        CtlRequest::Resume => VmCommand::Resume,
+        CtlRequest::Stop => VmCommand::Stop,
+        CtlRequest::Shutdown => VmCommand::Shutdown,
+        CtlRequest::Balloon { size } => VmCommand::Balloon { size: *size },
     };
+    let req = serde_json::to_value(&command)?;
     let answer = vmm::control::request(socket, &req)
         .with_context(|| format!("control socket {}", socket.display()))?;
     println!("{}", serde_json::to_string_pretty(&answer)?);

@@ -12,14 +12,14 @@ use ::daemon::supervisor::{
 };
 use common::firmware::Program;
 use common::*;
+use config::DiskConfig;
+use config::VmConfig;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, SystemTime};
-use vmm::config::DiskConfig;
-use vmm::VmConfig;
 
 /// Generous: an exit is noticed at once, but the machine is shared.
 const NOTICE_WAIT: Duration = Duration::from_secs(30);

@@ -11,8 +11,8 @@ mod sse;
 mod vm;
 
 use clap::{Args, Subcommand, ValueEnum};
+use config::ByteSize;
 use std::path::PathBuf;
-use vmm::config::ByteSize;
 
 pub use client::DEFAULT_SOCKET;
 
@@ -163,8 +163,7 @@ impl From<Restart> for api::RestartPolicy {
 }
 
 fn parse_size(s: &str) -> Result<ByteSize, String> {
-    s.parse()
-        .map_err(|e: vmm::config::ConfigError| e.to_string())
+    s.parse().map_err(|e: config::ConfigError| e.to_string())
 }
 
 /// `ferrovisor events`.

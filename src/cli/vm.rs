@@ -6,10 +6,10 @@ use super::http::escape_segment;
 use super::{console, CreateArgs, VmArgs, VmCommand};
 use anyhow::Context;
 use api::{CreateVm, Resources, ShutdownRequest, VmConfig, VmInfo, VmStats};
+use config::SerialConfig;
 use serde::Serialize;
 use serde_json::Value;
 use std::path::PathBuf;
-use vmm::config::SerialConfig;
 
 /// Runs one `vm` command.
 pub fn run(args: &VmArgs) -> anyhow::Result<u8> {
@@ -250,7 +250,7 @@ fn or_none(items: Vec<String>) -> String {
     }
 }
 
-fn describe_disk(d: &vmm::config::DiskConfig) -> String {
+fn describe_disk(d: &config::DiskConfig) -> String {
     let mut s = d.path.display().to_string();
     if d.readonly {
         s.push_str(" ro");
@@ -267,7 +267,7 @@ fn describe_disk(d: &vmm::config::DiskConfig) -> String {
     s
 }
 
-fn describe_net(n: &vmm::config::NetConfig) -> String {
+fn describe_net(n: &config::NetConfig) -> String {
     let mut s = format!("tap={}", n.tap);
     if let Some(m) = &n.mac {
         s.push_str(&format!(" mac={m}"));
@@ -403,7 +403,11 @@ pub fn stats_text(s: &VmStats) -> String {
         }
         out.push_str(&format!("\ncgroup: {}\n", parts.join(" ")));
     }
-    if let Some(b) = &s.balloon {
+    if let Some(b) = s
+        .balloon
+        .as_ref()
+        .and_then(|b| serde_json::to_value(b).ok())
+    {
         out.push_str(&format!("\nballoon: {b}\n"));
     }
     out
@@ -425,7 +429,7 @@ mod tests {
             config: VmConfig {
                 kernel: Some("/img/vmlinuz".into()),
                 cpus: 2,
-                memory: vmm::config::ByteSize(512 << 20),
+                memory: config::ByteSize(512 << 20),
                 disks: vec!["path=/img/root.raw,readonly=on,id=root".parse().unwrap()],
                 ..VmConfig::default()
             },
@@ -438,7 +442,7 @@ mod tests {
             created_at: 1_714_566_800_000,
             resources: Resources {
                 cpu_weight: Some(200),
-                memory_max: Some(vmm::config::ByteSize(1 << 30)),
+                memory_max: Some(config::ByteSize(1 << 30)),
                 ..Resources::default()
             },
         }
@@ -453,7 +457,7 @@ mod tests {
         stopped.pid = None;
         stopped.uptime_ms = None;
         stopped.restart_count = 0;
-        stopped.config.memory = vmm::config::ByteSize(2 << 30);
+        stopped.config.memory = config::ByteSize(2 << 30);
         assert_eq!(
             vm_table(&[sample(), stopped]),
             "NAME   ID            STATE    CPUS  MEMORY  PID   UPTIME  RESTARTS\n\

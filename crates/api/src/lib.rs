@@ -3,15 +3,19 @@
 //! generates its OpenAPI document (`GET /openapi.json`) from them and from its handlers; a
 //! client only needs this crate.
 //!
-//! The VM configuration is [`vmm::VmConfig`], the same type `ferrovisor run --config FILE`
-//! reads: one type, one validation.
+//! The VM configuration is [`config::VmConfig`], the same type `ferrovisor run --config FILE`
+//! reads: one type, one validation. The daemon-to-VMM control protocol ([`control`]) is here
+//! too: both processes use the same [`control::VmCommand`] and [`control::VmResponse`]. This
+//! crate links no KVM.
 #![deny(missing_docs)]
+
+pub mod control;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
 
-pub use vmm::VmConfig;
+pub use config::VmConfig;
 
 /// The API version prefix of every route but `/openapi.json`.
 pub const API_PREFIX: &str = "/v1";
@@ -128,7 +132,7 @@ pub struct Resources {
     /// Memory cap of the whole VMM process, guest RAM included (`memory.max`): at least the
     /// guest's memory plus 16 MiB. `"1G"`, `"1536M"` or bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub memory_max: Option<vmm::config::ByteSize>,
+    pub memory_max: Option<config::ByteSize>,
     /// Most tasks (threads) the VMM may have (`pids.max`): at least its vCPUs + 16.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(example = 64, minimum = 1)]
@@ -181,8 +185,7 @@ pub struct VmStats {
     pub cgroup: Option<CgroupUsage>,
     /// The balloon, when the VM has one (target, actual, the guest's memory statistics).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<Object>)]
-    pub balloon: Option<Value>,
+    pub balloon: Option<control::BalloonStats>,
 }
 
 /// A VM cgroup's counters (what its limits are measured against).

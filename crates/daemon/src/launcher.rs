@@ -13,6 +13,8 @@
 //! One directory serves one VMM at a time: [`launch`] refuses a directory whose control socket
 //! still answers.
 
+use api::control::VmCommand;
+use config::VmConfig;
 use std::fs::OpenOptions;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
@@ -21,7 +23,6 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use vmm::VmConfig;
 
 /// How long [`launch`] waits for the control socket by default.
 pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -156,11 +157,11 @@ fn prep(path: &Path) -> impl FnOnce(std::io::Error) -> LaunchError + '_ {
     }
 }
 
-/// Whether the control socket at `path` answers `status` with `"ok": true`.
+/// Whether the control socket at `path` answers `status`.
 pub fn control_answers(path: &Path) -> bool {
     matches!(
-        vmm::control::request(path, &serde_json::json!({"cmd": "status"})),
-        Ok(v) if v.get("ok").and_then(|o| o.as_bool()) == Some(true)
+        api::control::send(path, &VmCommand::Status, api::control::DEFAULT_TIMEOUT),
+        Ok(Ok(_))
     )
 }
 
@@ -211,7 +212,7 @@ pub fn launch(spec: &LaunchSpec) -> Result<Launched, LaunchError> {
         remove_if_present(stale)?;
     }
     let json = serde_json::to_vec_pretty(&spec.config)?;
-    vmm::exit_report::write_atomic(&paths.config, &json).map_err(prep(&paths.config))?;
+    config::exit_report::write_atomic(&paths.config, &json).map_err(prep(&paths.config))?;
 
     let log = OpenOptions::new()
         .create(true)

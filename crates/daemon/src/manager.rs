@@ -25,9 +25,9 @@ use crate::store::{now_millis, DesiredState, Store, VmRecord, VmState};
 use crate::supervisor::{
     is_crash, restart_decision, ExitKind, ExitNotice, ExitReport, ExitStatusKind, Supervisor,
 };
-use serde_json::{json, Value};
+use api::control::{VmCommand, VmResponse, VmmStats};
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
@@ -215,7 +215,7 @@ impl Manager {
     pub fn check_resources(
         &self,
         resources: &api::Resources,
-        config: &vmm::VmConfig,
+        config: &config::VmConfig,
     ) -> Result<(), LimitError> {
         match &self.inner.cfg.cgroups {
             Ok(root) => root.check(resources, config),
@@ -312,7 +312,7 @@ impl Manager {
                             if rt.state == VmState::Stopping {
                                 // The old daemon died during a stop: finish it.
                                 self.inner.supervisor.expect_exit(&id);
-                                let _ = vmm::control::request(&control, &json!({"cmd": "stop"}));
+                                let _ = send(&control, &VmCommand::Stop);
                             }
                         }
                         Err(e) => self.record_lost(&rec, &paths, &e.to_string())?,
@@ -321,7 +321,7 @@ impl Manager {
                 VmState::Starting => {
                     // The daemon died while launching: a VMM may have come up unrecorded.
                     if control_answers(&paths.control) {
-                        let _ = vmm::control::request(&paths.control, &json!({"cmd": "stop"}));
+                        let _ = send(&paths.control, &VmCommand::Stop);
                     }
                     self.inner.store.set_exited(
                         &id,
@@ -583,7 +583,8 @@ impl Manager {
     fn finish_stop(&self, rec: &VmRecord) -> Result<VmRecord, OpError> {
         let id = rec.id.as_str();
         if let Some(control) = &rec.runtime.control_socket {
-            if vmm::control::request(control, &json!({"cmd": "stop"})).is_ok() {
+            // Any answer (even a refusal) means the VMM still listens: give it the grace time.
+            if send(control, &VmCommand::Stop).is_ok() {
                 if let Some(r) = self.wait_exit(id, STOP_GRACE)? {
                     return Ok(r);
                 }
@@ -627,9 +628,8 @@ impl Manager {
         let rec = self.begin_stop(&rec, DesiredState::Stopped)?;
         if let Some(control) = &rec.runtime.control_socket {
             // A parked guest cannot see the button.
-            let _ = vmm::control::request(control, &json!({"cmd": "resume"}));
-            let pressed = vmm::control::request(control, &json!({"cmd": "shutdown"}));
-            if matches!(&pressed, Ok(v) if v.get("ok").and_then(Value::as_bool) == Some(true)) {
+            let _ = send(control, &VmCommand::Resume);
+            if matches!(send(control, &VmCommand::Shutdown), Ok(Ok(_))) {
                 if let Some(r) = self.wait_exit(id, timeout)? {
                     return Ok(r);
                 }
@@ -696,28 +696,22 @@ impl Manager {
         self.start(id, false)
     }
 
-    fn control(&self, rec: &VmRecord, action: &'static str, req: &Value) -> Result<Value, OpError> {
+    /// Sends `command` to the VMM of `rec` and returns its answer; a refusal or no answer is
+    /// [`OpError::Control`].
+    fn control(&self, rec: &VmRecord, command: VmCommand) -> Result<VmResponse, OpError> {
         let control = rec.runtime.control_socket.as_ref().ok_or_else(|| {
             OpError::Internal(format!("VM {}: no control socket recorded", rec.name))
         })?;
-        let answer = vmm::control::request(control, req).map_err(|e| OpError::Control {
+        let refused = |reason: String| OpError::Control {
             vm: rec.name.clone(),
-            action,
-            reason: e.to_string(),
-        })?;
-        if answer.get("ok").and_then(Value::as_bool) != Some(true) {
-            let reason = answer
-                .get("error")
-                .and_then(Value::as_str)
-                .unwrap_or("no reason given")
-                .to_string();
-            return Err(OpError::Control {
-                vm: rec.name.clone(),
-                action,
-                reason,
-            });
+            action: command.name(),
+            reason,
+        };
+        match send(control, &command) {
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(reason)) => Err(refused(reason)),
+            Err(e) => Err(refused(e.to_string())),
         }
-        Ok(answer)
     }
 
     /// Pauses VM `id` (its vCPUs park; the VMM keeps running).
@@ -726,7 +720,7 @@ impl Manager {
         if rec.runtime.state != VmState::Running {
             return Err(conflict(&rec, "pause it (it is not running)"));
         }
-        self.control(&rec, "pause", &json!({"cmd": "pause"}))?;
+        self.control(&rec, VmCommand::Pause)?;
         let r = self.inner.store.set_state(id, VmState::Paused)?;
         self.changed();
         Ok(r)
@@ -738,7 +732,7 @@ impl Manager {
         if rec.runtime.state != VmState::Paused {
             return Err(conflict(&rec, "resume it (it is not paused)"));
         }
-        self.control(&rec, "resume", &json!({"cmd": "resume"}))?;
+        self.control(&rec, VmCommand::Resume)?;
         let r = self.inner.store.set_state(id, VmState::Running)?;
         self.changed();
         Ok(r)
@@ -773,8 +767,13 @@ impl Manager {
         let (true, Some(pid)) = (rec.runtime.state.is_live(), rec.runtime.pid) else {
             return Err(conflict(&rec, "report its stats (it is not running)"));
         };
-        let answer = self.control(&rec, "stats", &json!({"cmd": "stats"}))?;
-        let mut stats = stats_from(&rec, pid, &answer);
+        let VmResponse::Stats(answer) = self.control(&rec, VmCommand::Stats)? else {
+            return Err(OpError::Internal(format!(
+                "VM {}: its VMM answered stats with something else",
+                rec.name
+            )));
+        };
+        let mut stats = stats_from(&rec, pid, *answer);
         stats.cgroup = self
             .cgroup_stats(rec.id.as_str())
             .map(|c| api::CgroupUsage {
@@ -787,71 +786,39 @@ impl Manager {
     }
 }
 
-/// The API's stats from a VMM's `stats` answer and /proc.
-pub fn stats_from(rec: &VmRecord, pid: u32, answer: &Value) -> api::VmStats {
+/// The API's stats from a VMM's `stats` answer and /proc (vCPU thread CPU times, and the
+/// RSS when the VMM could not read its own).
+pub fn stats_from(rec: &VmRecord, pid: u32, answer: VmmStats) -> api::VmStats {
     let times = vcpu_cpu_times(pid);
-    let u64_map = |v: Option<&Value>| -> BTreeMap<String, u64> {
-        v.and_then(Value::as_object)
-            .map(|m| {
-                m.iter()
-                    .filter_map(|(k, v)| v.as_u64().map(|n| (k.clone(), n)))
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
     let vcpus = answer
-        .get("vcpus")
-        .and_then(Value::as_array)
-        .map(|a| {
-            a.iter()
-                .filter_map(|v| {
-                    let i = u32::try_from(v.get("vcpu")?.as_u64()?).ok()?;
-                    Some(api::VcpuStats {
-                        vcpu: i,
-                        exits: u64_map(v.get("exits")),
-                        cpu_time_ms: times.get(&i).copied(),
-                    })
-                })
-                .collect()
+        .vcpus
+        .into_iter()
+        .map(|v| api::VcpuStats {
+            cpu_time_ms: times.get(&v.vcpu).copied(),
+            ..v
         })
-        .unwrap_or_default();
-    let devices = answer
-        .get("devices")
-        .and_then(Value::as_array)
-        .map(|a| {
-            a.iter()
-                .map(|d| api::DeviceStats {
-                    kind: d
-                        .get("type")
-                        .and_then(Value::as_str)
-                        .unwrap_or("unknown")
-                        .to_string(),
-                    id: d
-                        .get("id")
-                        .and_then(Value::as_str)
-                        .unwrap_or("")
-                        .to_string(),
-                    counters: u64_map(d.get("counters")),
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+        .collect();
     api::VmStats {
         id: rec.id.to_string(),
         name: rec.name.clone(),
         state: crate::api::api_state(rec.runtime.state),
         pid,
-        uptime_ms: answer.get("uptime_ms").and_then(Value::as_u64).unwrap_or(0),
-        rss_bytes: answer
-            .get("rss_bytes")
-            .and_then(Value::as_u64)
-            .or_else(|| proc_rss(pid)),
+        uptime_ms: answer.uptime_ms,
+        rss_bytes: answer.rss_bytes.or_else(|| proc_rss(pid)),
         memory_bytes: rec.config.memory.0,
         vcpus,
-        devices,
+        devices: answer.devices,
         cgroup: None,
-        balloon: answer.get("balloon").filter(|b| !b.is_null()).cloned(),
+        balloon: answer.balloon,
     }
+}
+
+/// Sends `command` to the VMM whose control socket is `path` (the protocol's default timeout).
+fn send(
+    path: &Path,
+    command: &VmCommand,
+) -> Result<api::control::VmReply, api::control::ControlError> {
+    api::control::send(path, command, api::control::DEFAULT_TIMEOUT)
 }
 
 /// Resident memory of process `pid` (`/proc/PID/statm`).

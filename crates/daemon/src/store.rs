@@ -87,6 +87,7 @@
 //! Anything else is a [`StoreError::Conflict`].
 
 use crate::error::StoreError;
+use config::VmConfig;
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, TransactionBehavior};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -98,7 +99,6 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use vmm::VmConfig;
 
 /// The schema version this build writes and understands.
 pub const SCHEMA_VERSION: i64 = 2;

@@ -11,6 +11,8 @@
 //! Dropping the supervisor stops watching; it never stops a VMM.
 
 use crate::launcher::{proc_start_time, proc_state};
+use api::control::{VmCommand, VmResponse};
+pub use config::exit_report::{ExitKind, ExitReport};
 use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
@@ -19,7 +21,6 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
-pub use vmm::exit_report::{ExitKind, ExitReport};
 
 /// How a VMM process ended, as far as the kernel told us.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -499,16 +500,19 @@ pub fn check_adoptable(pid: u32, start_time: u64, control_socket: &Path) -> Resu
         path: control_socket.to_path_buf(),
         why,
     };
-    let answer = vmm::control::request(control_socket, &serde_json::json!({"cmd": "status"}))
-        .map_err(|e| control(e.to_string()))?;
-    if answer.get("ok").and_then(|o| o.as_bool()) != Some(true) {
-        return Err(control(format!("status answered {answer}")));
-    }
+    let status = match api::control::send(
+        control_socket,
+        &VmCommand::Status,
+        api::control::DEFAULT_TIMEOUT,
+    ) {
+        Ok(Ok(VmResponse::Status(s))) => s,
+        Ok(Ok(other)) => return Err(control(format!("status answered {other:?}"))),
+        Ok(Err(refused)) => return Err(control(format!("status refused: {refused}"))),
+        Err(e) => return Err(control(e.to_string())),
+    };
     // Without a pid namespace the VMM reports the same pid we see.
-    if let Some(p) = answer.get("pid").and_then(|p| p.as_u64()) {
-        if p != u64::from(pid) {
-            return Err(control(format!("it belongs to pid {p}")));
-        }
+    if status.pid != pid {
+        return Err(control(format!("it belongs to pid {}", status.pid)));
     }
     Ok(())
 }

@@ -1,8 +1,8 @@
 //! Serial console backends: where COM1's output goes and where its input comes from.
 
-use crate::config::SerialConfig;
+use crate::event::VmEvent;
 use crate::terminal::{is_tty, RawModeGuard};
-use crate::vm::VmEvent;
+use config::SerialConfig;
 use devices::legacy::Serial;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};

@@ -1,99 +1,20 @@
-//! The VMM's control socket (`ferrovisor run --control PATH`): one JSON request per line, one
-//! JSON answer per line. It is how a supervisor (the host daemon, `ferrovisor ctl`) asks a
-//! running VMM for its state and counters and changes it (pause, resume, stop, shutdown, balloon
-//! size).
-//!
-//! Requests: `{"cmd":"status"}`, `{"cmd":"stats"}`, `{"cmd":"pause"}`, `{"cmd":"resume"}`,
-//! `{"cmd":"stop"}`, `{"cmd":"shutdown"}`, `{"cmd":"balloon","size":"256M"}`. Answers:
-//! `{"ok":true,...}` or `{"ok":false,"error":"..."}`. The socket is created mode 0600.
-//!
-//! `shutdown` presses the ACPI power button and answers at once (`"state":"shutting-down"`);
-//! a guest that handles the button powers off through ACPI S5 and the VMM exits 0. A guest that
-//! ignores it keeps running: the supervisor's timeout, then `stop`, ends it.
+//! The VMM's control socket (`ferrovisor run --control PATH`): the transport of the control
+//! protocol ([`api::control`]), nothing more. Each request line is parsed into a
+//! [`VmCommand`] and handed to the VM loop, which carries out every command in one place
+//! ([`crate::vm`]) and sends back the reply this thread writes. The socket is created mode 0600.
 
-use crate::config::ByteSize;
-use crate::cpu::{ExitCounts, VcpuStats};
-use crate::vm::VmEvent;
-use devices::virtio::balloon::BalloonControl;
-use devices::virtio::Metrics;
-use serde::Deserialize;
-use serde_json::{json, Value};
+use crate::event::{CommandRequest, VmEvent};
+use api::control::{encode_reply, VmCommand, VmReply, MAX_REQUEST};
+use serde_json::Value;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, Sender};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-/// Longest request line accepted.
-pub const MAX_REQUEST: usize = 64 * 1024;
-
-/// A change of run state the VM's main loop carries out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
-    /// Park every vCPU.
-    Pause,
-    /// Let them run again.
-    Resume,
-    /// Stop the VM (the process exits 0).
-    Stop,
-    /// Press the ACPI power button; the guest decides what to do (normally: power off).
-    Shutdown,
-}
-
-/// An [`Action`] with where to send its outcome.
-#[derive(Debug)]
-pub struct ActionRequest {
-    /// What to do.
-    pub action: Action,
-    /// Ok(new state) or Err(why not).
-    pub reply: Sender<Result<&'static str, String>>,
-}
-
-/// A virtio device as the monitoring side sees it.
-pub struct DeviceEntry {
-    /// `block`, `net`, `vsock`, `rng`, `balloon`, `console`.
-    pub kind: &'static str,
-    /// Its id (`--disk id=`), or kind + index.
-    pub id: String,
-    /// Its counters.
-    pub metrics: Option<Arc<dyn Metrics>>,
-}
-
-/// What the control thread reads.
-pub struct ControlState {
-    /// When the VM started running.
-    pub started: Instant,
-    /// vCPU count.
-    pub cpus: u32,
-    /// Guest memory bytes.
-    pub memory: u64,
-    /// Per-vCPU exit counters.
-    pub vcpu_stats: Vec<Arc<VcpuStats>>,
-    /// Devices and their counters.
-    pub devices: Vec<DeviceEntry>,
-    /// The balloon, when there is one.
-    pub balloon: Option<BalloonControl>,
-    /// Where run-state changes go (the VM's main loop).
-    pub events: Sender<VmEvent>,
-    /// Current run state, shared with the main loop.
-    pub paused: Arc<std::sync::atomic::AtomicBool>,
-    /// Set once the power button was pressed (`shutdown`).
-    pub shutting_down: Arc<std::sync::atomic::AtomicBool>,
-}
-
-#[derive(Deserialize)]
-#[serde(tag = "cmd", rename_all = "lowercase", deny_unknown_fields)]
-enum Request {
-    Status,
-    Stats,
-    Pause,
-    Resume,
-    Stop,
-    Shutdown,
-    Balloon { size: ByteSize },
-}
+/// How long a connection waits for the VM loop's answer.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The listening socket; removed when dropped.
 pub struct ControlSocket {
@@ -106,8 +27,8 @@ impl Drop for ControlSocket {
     }
 }
 
-/// Binds `path` (which must not exist) and serves it on a thread.
-pub fn serve(path: &Path, state: ControlState) -> std::io::Result<ControlSocket> {
+/// Binds `path` (which must not exist) and serves it on a thread; commands go to `events`.
+pub fn serve(path: &Path, events: Sender<VmEvent>) -> std::io::Result<ControlSocket> {
     if path.symlink_metadata().is_ok() {
         return Err(std::io::Error::new(
             std::io::ErrorKind::AlreadyExists,
@@ -121,17 +42,16 @@ pub fn serve(path: &Path, state: ControlState) -> std::io::Result<ControlSocket>
         std::io::Error::new(e.kind(), format!("control socket {}: {e}", path.display()))
     })?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    let state = Arc::new(state);
     std::thread::Builder::new()
         .name("fv-control".into())
         .spawn(move || {
             for conn in listener.incoming() {
                 match conn {
                     Ok(stream) => {
-                        let state = state.clone();
+                        let events = events.clone();
                         let _ = std::thread::Builder::new()
                             .name("fv-control-conn".into())
-                            .spawn(move || serve_conn(stream, &state));
+                            .spawn(move || serve_conn(stream, &events));
                     }
                     Err(e) => tracing::warn!("control socket accept: {e}"),
                 }
@@ -142,7 +62,7 @@ pub fn serve(path: &Path, state: ControlState) -> std::io::Result<ControlSocket>
     })
 }
 
-fn serve_conn(stream: UnixStream, state: &ControlState) {
+fn serve_conn(stream: UnixStream, events: &Sender<VmEvent>) {
     let Ok(write_half) = stream.try_clone() else {
         return;
     };
@@ -156,80 +76,57 @@ fn serve_conn(stream: UnixStream, state: &ControlState) {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
-        let answer = if line.len() > MAX_REQUEST {
-            json!({"ok": false, "error": format!("request longer than {MAX_REQUEST} bytes")})
+        let too_long = line.len() > MAX_REQUEST;
+        let reply = if too_long {
+            Err(format!("request longer than {MAX_REQUEST} bytes"))
         } else {
-            handle_line(&line, state)
+            match parse_request(&line) {
+                Ok(command) => submit(events, command, ANSWER_TIMEOUT),
+                Err(e) => Err(e),
+            }
         };
-        let mut text = answer.to_string();
+        let mut text = encode_reply(&reply);
         text.push('\n');
         if out
             .write_all(text.as_bytes())
             .and_then(|_| out.flush())
             .is_err()
+            || too_long
         {
             return;
         }
-        if line.len() > MAX_REQUEST {
-            return;
-        }
     }
 }
 
-/// Answers one request line.
-pub fn handle_line(line: &[u8], state: &ControlState) -> Value {
+/// Parses one request line into a command, or says what is wrong with it.
+pub fn parse_request(line: &[u8]) -> Result<VmCommand, String> {
     let text = String::from_utf8_lossy(line);
     let text = text.trim();
     if text.is_empty() {
-        return json!({"ok": false, "error": "empty request; send one JSON object per line, e.g. {\"cmd\":\"status\"}"});
+        return Err(
+            "empty request; send one JSON object per line, e.g. {\"cmd\":\"status\"}".into(),
+        );
     }
-    let req: Request = match serde_json::from_str(text) {
-        Ok(r) => r,
-        Err(e) => return json!({"ok": false, "error": format!("bad request: {e}")}),
-    };
-    match req {
-        Request::Status => status(state),
-        Request::Stats => stats(state),
-        Request::Pause => action(state, Action::Pause),
-        Request::Resume => action(state, Action::Resume),
-        Request::Stop => action(state, Action::Stop),
-        Request::Shutdown => action(state, Action::Shutdown),
-        Request::Balloon { size } => match &state.balloon {
-            None => {
-                json!({"ok": false, "error": "this VM has no balloon (start it with --balloon)"})
-            }
-            Some(_) if size.0 >= state.memory => json!({"ok": false, "error": format!(
-                "size: {size} is not smaller than the guest's memory ({})", ByteSize(state.memory))}),
-            Some(b) => {
-                b.set_target_bytes(size.0);
-                json!({"ok": true, "target": size.0, "actual": b.actual_bytes()})
-            }
-        },
-    }
+    serde_json::from_str(text).map_err(|e| format!("bad request: {e}"))
 }
 
-fn run_state(state: &ControlState) -> &'static str {
-    if state.paused.load(std::sync::atomic::Ordering::SeqCst) {
-        "paused"
-    } else if state
-        .shutting_down
-        .load(std::sync::atomic::Ordering::SeqCst)
+/// Hands `command` to the VM loop behind `events` and waits up to `timeout` for its reply.
+pub fn submit(events: &Sender<VmEvent>, command: VmCommand, timeout: Duration) -> VmReply {
+    let (tx, rx) = channel();
+    if events
+        .send(VmEvent::Command(CommandRequest { command, reply: tx }))
+        .is_err()
     {
-        "shutting-down"
-    } else {
-        "running"
+        return Err("the VM is stopping".into());
     }
-}
-
-fn status(state: &ControlState) -> Value {
-    json!({
-        "ok": true,
-        "state": run_state(state),
-        "pid": std::process::id(),
-        "uptime_ms": state.started.elapsed().as_millis() as u64,
-        "cpus": state.cpus,
-        "memory": state.memory,
-    })
+    match rx.recv_timeout(timeout) {
+        Ok(reply) => reply,
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(format!(
+            "the VM did not answer within {} s",
+            timeout.as_secs()
+        )),
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err("the VM is stopping".into()),
+    }
 }
 
 /// The VMM process's resident set size in bytes (guest RAM it touched included).
@@ -241,91 +138,51 @@ pub fn rss_bytes() -> Option<u64> {
     Some(pages * u64::try_from(page).unwrap_or(4096))
 }
 
-/// Exit counters as JSON.
-pub fn exits_json(e: &ExitCounts) -> Value {
-    json!({
-        "total": e.total(), "io_in": e.io_in, "io_out": e.io_out,
-        "mmio_read": e.mmio_read, "mmio_write": e.mmio_write,
-        "unhandled_pio": e.unhandled_pio, "unhandled_mmio": e.unhandled_mmio,
-        "hlt": e.hlt, "interrupted": e.interrupted, "other": e.other,
-    })
-}
-
-fn stats(state: &ControlState) -> Value {
-    let vcpus: Vec<Value> = state
-        .vcpu_stats
-        .iter()
-        .enumerate()
-        .map(|(i, s)| json!({"vcpu": i, "exits": exits_json(&s.snapshot())}))
-        .collect();
-    let devices: Vec<Value> = state
-        .devices
-        .iter()
-        .map(|d| {
-            let counters: serde_json::Map<String, Value> = d
-                .metrics
-                .as_ref()
-                .map(|m| {
-                    m.snapshot()
-                        .into_iter()
-                        .map(|(k, v)| (k.to_string(), json!(v)))
-                        .collect()
-                })
-                .unwrap_or_default();
-            json!({"type": d.kind, "id": d.id, "counters": counters})
-        })
-        .collect();
-    let balloon = state.balloon.as_ref().map(|b| {
-        let s = b.stats();
-        json!({
-            "target": b.target_bytes(),
-            "actual": b.actual_bytes(),
-            "guest": {
-                "swap_in": s.swap_in, "swap_out": s.swap_out,
-                "major_faults": s.major_faults, "minor_faults": s.minor_faults,
-                "free_memory": s.free_memory, "total_memory": s.total_memory,
-                "available_memory": s.available_memory, "disk_caches": s.disk_caches,
-            }
-        })
-    });
-    json!({
-        "ok": true,
-        "state": run_state(state),
-        "uptime_ms": state.started.elapsed().as_millis() as u64,
-        "rss_bytes": rss_bytes(),
-        "vcpus": vcpus,
-        "devices": devices,
-        "balloon": balloon,
-    })
-}
-
-fn action(state: &ControlState, action: Action) -> Value {
-    let (tx, rx) = channel();
-    if state
-        .events
-        .send(VmEvent::Control(ActionRequest { action, reply: tx }))
-        .is_err()
-    {
-        return json!({"ok": false, "error": "the VM is stopping"});
-    }
-    match rx.recv_timeout(Duration::from_secs(10)) {
-        Ok(Ok(new_state)) => json!({"ok": true, "state": new_state}),
-        Ok(Err(e)) => json!({"ok": false, "error": e}),
-        Err(_) => json!({"ok": false, "error": "the VM did not answer within 10 s"}),
-    }
-}
-
-/// Sends one request to the control socket at `path` and returns the answer (for `ferrovisor
-/// ctl` and tests).
+/// Sends one raw JSON request to the control socket at `path` and returns the raw answer: for
+/// `ferrovisor ctl` (which prints it) and tests that speak the wire format. Typed clients use
+/// [`api::control::send`].
 pub fn request(path: &Path, request: &Value) -> std::io::Result<Value> {
     let stream = UnixStream::connect(path)
         .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    stream.set_read_timeout(Some(api::control::DEFAULT_TIMEOUT))?;
     let mut w = stream.try_clone()?;
     let mut text = request.to_string();
     text.push('\n');
     w.write_all(text.as_bytes())?;
     let mut line = String::new();
-    BufReader::new(stream).read_line(&mut line)?;
+    BufReader::new(stream.take(api::control::MAX_ANSWER as u64)).read_line(&mut line)?;
     serde_json::from_str(&line).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse_or_say_why_not() {
+        assert_eq!(
+            parse_request(b"{\"cmd\":\"stats\"}\n"),
+            Ok(VmCommand::Stats)
+        );
+        assert!(parse_request(b"  \n")
+            .unwrap_err()
+            .contains("empty request"));
+        assert!(parse_request(b"{\"cmd\":\"fly\"}")
+            .unwrap_err()
+            .starts_with("bad request"));
+        assert!(parse_request(&[0xff, 0xfe, b'{']).is_err());
+    }
+
+    #[test]
+    fn a_vm_loop_that_is_gone_is_reported() {
+        let (tx, rx) = channel();
+        drop(rx);
+        assert_eq!(
+            submit(&tx, VmCommand::Status, Duration::from_millis(10)),
+            Err("the VM is stopping".into())
+        );
+        let (tx, _rx) = channel();
+        let r = submit(&tx, VmCommand::Status, Duration::from_millis(10));
+        assert!(r.unwrap_err().contains("did not answer"));
+    }
 }

@@ -2,11 +2,11 @@
 #![deny(missing_docs)]
 
 pub mod boot;
-pub mod config;
+pub mod builder;
 pub mod console;
 pub mod control;
 pub mod cpu;
-pub mod exit_report;
+pub mod event;
 pub mod kvm;
 pub mod memory;
 pub mod terminal;

@@ -15,7 +15,17 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// First GSI given to virtio devices (above the ISA range, on the IOAPIC's PCI pins).
 pub const VIRTIO_GSI_START: u32 = 16;
-pub use crate::config::MAX_VIRTIO_DEVICES;
+pub use config::MAX_VIRTIO_DEVICES;
+
+/// A virtio device as the monitoring side sees it.
+pub struct DeviceEntry {
+    /// `block`, `net`, `vsock`, `rng`, `balloon`, `console`.
+    pub kind: &'static str,
+    /// Its id (`--disk id=`), or kind + index.
+    pub id: String,
+    /// Its counters.
+    pub metrics: Option<Arc<dyn devices::virtio::Metrics>>,
+}
 
 /// Errors attaching virtio devices.
 #[derive(Debug, thiserror::Error)]
@@ -33,15 +43,12 @@ pub struct BuiltDevices {
     /// In slot order.
     pub devices: Vec<Box<dyn VirtioDevice>>,
     /// Kind, id and counters of each.
-    pub entries: Vec<crate::control::DeviceEntry>,
+    pub entries: Vec<DeviceEntry>,
     /// The balloon's handle.
     pub balloon: Option<devices::virtio::balloon::BalloonControl>,
 }
 
-fn limit(
-    iops: Option<u64>,
-    bw: Option<crate::config::ByteSize>,
-) -> devices::rate_limiter::RateLimit {
+fn limit(iops: Option<u64>, bw: Option<config::ByteSize>) -> devices::rate_limiter::RateLimit {
     devices::rate_limiter::RateLimit {
         ops_per_sec: iops,
         bytes_per_sec: bw.map(|b| b.0),
@@ -60,7 +67,7 @@ pub fn build_devices(config: &crate::VmConfig) -> Result<BuiltDevices, crate::Vm
     };
     let push =
         |out: &mut BuiltDevices, kind: &'static str, id: String, d: Box<dyn VirtioDevice>| {
-            out.entries.push(crate::control::DeviceEntry {
+            out.entries.push(DeviceEntry {
                 kind,
                 id,
                 metrics: d.metrics(),
@@ -120,11 +127,11 @@ pub fn build_devices(config: &crate::VmConfig) -> Result<BuiltDevices, crate::Vm
     }
     if let Some(c) = &config.console {
         let backend = match c {
-            crate::config::SerialConfig::Null | crate::config::SerialConfig::Stdio => {
+            config::SerialConfig::Null | config::SerialConfig::Stdio => {
                 console::ConsoleBackend::Null
             }
-            crate::config::SerialConfig::File(p) => console::ConsoleBackend::File(p.clone()),
-            crate::config::SerialConfig::Socket(p) => console::ConsoleBackend::Socket(p.clone()),
+            config::SerialConfig::File(p) => console::ConsoleBackend::File(p.clone()),
+            config::SerialConfig::Socket(p) => console::ConsoleBackend::Socket(p.clone()),
         };
         let dev = console::Console::new(backend).map_err(|e| dev_err(format!("--console: {e}")))?;
         push(&mut out, "console", "console0".into(), Box::new(dev));

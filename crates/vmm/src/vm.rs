@@ -1,78 +1,41 @@
 //! One VM: built from a validated [`VmConfig`], run until the guest or the host ends it.
 //!
-//! States: Created (built, nothing running) → Running ⇄ Paused → Stopped. [`Vm::build`] gives a
-//! Created VM; [`Vm::run`] runs it to Stopped and returns why it stopped.
+//! States: Created (built, nothing running) → Running ⇄ Paused → Stopped. [`Vm::build`] (the
+//! [`builder`]) gives a Created VM; [`Vm::run`] runs it to Stopped and returns why it stopped.
+//!
+//! While it runs, one loop on the thread that called [`Vm::run`] receives every [`VmEvent`]:
+//! device requests (power-off, reset, panic), vCPU faults, signals, and every
+//! [`VmCommand`] — from the control socket ([`crate::control`]) or a [`VmHandle`] — which it
+//! carries out in one place ([`Running::command`]) and answers.
 
-use crate::boot::acpi::{self, ACPI_PM_PORT, COM1_IRQ, COM1_PORT, GED_GSI, GED_PORT, PVPANIC_PORT};
-use crate::boot::{self, LinuxBoot};
-use crate::config::{ConfigError, HostLimits, VmConfig, MAX_VCPUS_GUEST};
+use crate::boot::{self, acpi};
+use crate::builder;
 use crate::console::{Console, ConsoleError};
-use crate::cpu::regs::{BootEntry, RegsError};
-use crate::cpu::{self, ExitCounts, RunControl, Vcpu, VcpuSetup, VcpuStats};
+use crate::cpu::regs::RegsError;
+use crate::cpu::{self, ExitCounts, RunControl, Vcpu, VcpuStats};
+use crate::event::{CommandRequest, FaultReport, VmEvent};
 use crate::kvm::{self, KvmError, KvmFlavour, PVM_HINT};
-use crate::memory::{self, KVM_IDENTITY_MAP_START, KVM_TSS_START};
-use devices::legacy::{
-    AcpiPm, Ged, GedHandle, PvPanic, ResetControl, Serial, ACPI_PM_LEN, GED_LEN, I8042,
-    RESET_CONTROL_PORT,
+use crate::memory;
+use crate::virtio::DeviceEntry;
+use api::control::{
+    BalloonGuestStats, BalloonStats, BalloonTarget, RunState, VmCommand, VmReply, VmResponse,
+    VmStatus, VmmStats,
 };
-use devices::{Bus, Interrupt, VmRequest, VmRequestFn};
-use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use config::exit_report::{ExitKind, ExitReport};
+use config::{ByteSize, ConfigError, HostLimits, VmConfig, MAX_VCPUS_GUEST};
+use devices::legacy::{GedHandle, Serial};
+use devices::VmRequest;
 use kvm_ioctls::{Kvm, VmFd};
+use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::signal::Killable;
 
-/// Exit status: the guest powered off or rebooted, or the host stopped it cleanly.
-pub const EXIT_OK: i32 = 0;
-/// Exit status: the VMM could not set the VM up (bad input, host problem).
-pub const EXIT_SETUP_ERROR: i32 = 1;
-/// Exit status: the guest kernel panicked (pvpanic or KVM crash event).
-pub const EXIT_GUEST_PANIC: i32 = 3;
-/// Exit status: KVM could not run the guest (internal error, triple fault, failed entry).
-pub const EXIT_GUEST_FAULT: i32 = 4;
-
-/// Something that ends (or changes) the running VM, from a device, a vCPU or the host.
-#[derive(Debug)]
-pub enum VmEvent {
-    /// A device or KVM system event.
-    Request(VmRequest),
-    /// A vCPU could not go on.
-    Fault(Box<FaultReport>),
-    /// The host asked us to stop (SIGINT, SIGTERM, SIGHUP).
-    Signal(i32),
-    /// The user typed the console's quit escape.
-    UserQuit,
-    /// A run-state change asked for on the control socket.
-    Control(crate::control::ActionRequest),
-}
-
-/// Why a vCPU stopped the VM, with what the user needs to understand it.
-#[derive(Debug, Clone)]
-pub struct FaultReport {
-    /// Which vCPU.
-    pub vcpu: u32,
-    /// What happened.
-    pub kind: String,
-    /// Its registers at that point.
-    pub registers: String,
-    /// What to do about it.
-    pub hint: Option<String>,
-}
-
-impl std::fmt::Display for FaultReport {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "vCPU {}: {}", self.vcpu, self.kind)?;
-        writeln!(f, "{}", self.registers)?;
-        if let Some(h) = &self.hint {
-            write!(f, "hint: {h}")?;
-        }
-        Ok(())
-    }
-}
+pub use config::exit_report::{EXIT_GUEST_FAULT, EXIT_GUEST_PANIC, EXIT_OK, EXIT_SETUP_ERROR};
 
 /// Why the VM stopped.
 #[derive(Debug, Clone)]
@@ -108,6 +71,25 @@ impl ExitReason {
             ExitReason::Fault(f) => format!("guest fault on vCPU {}: {}", f.vcpu, f.kind),
             ExitReason::Stopped(Some(sig)) => format!("stopped by signal {sig}"),
             ExitReason::Stopped(None) => "stopped from the console or the control socket".into(),
+        }
+    }
+
+    /// The exit report (`--exit-report`) for a VM that stopped for this reason.
+    pub fn exit_report(&self) -> ExitReport {
+        let code = self.exit_code();
+        match self {
+            ExitReason::Poweroff => ExitReport::new(ExitKind::Poweroff, code),
+            ExitReason::Reset => ExitReport::new(ExitKind::Reset, code),
+            ExitReason::Panic => ExitReport::new(ExitKind::Panic, code),
+            ExitReason::Fault(f) => ExitReport {
+                message: Some(format!("vCPU {}: {}", f.vcpu, f.kind)),
+                ..ExitReport::new(ExitKind::Fault, code)
+            },
+            ExitReason::Stopped(None) => ExitReport::new(ExitKind::Stopped, code),
+            ExitReason::Stopped(Some(sig)) => ExitReport {
+                signal: Some(*sig),
+                ..ExitReport::new(ExitKind::Signal, code)
+            },
         }
     }
 }
@@ -160,10 +142,6 @@ pub enum VmError {
     },
 }
 
-fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
-    move |source| VmError::Kvm(KvmError::Ioctl { op, source })
-}
-
 /// What the host can give, probed without failing: KVM's vCPU limit when `/dev/kvm` opens.
 pub fn probe_host_limits(kvm_path: &Path) -> HostLimits {
     let max_vcpus = Kvm::new_with_path(kvm::c_path(kvm_path))
@@ -178,26 +156,26 @@ pub fn probe_host_limits(kvm_path: &Path) -> HostLimits {
 /// A built VM, not yet running.
 pub struct Vm {
     // Field order matters for drop: vCPUs and the VM fd go before guest memory.
-    vcpus: Vec<Vcpu>,
-    _vm_fd: VmFd,
-    _kvm: Kvm,
-    mem: GuestMemoryMmap,
-    _firmware: Option<GuestMemoryMmap>,
-    console: Console,
-    virtio: Option<crate::virtio::VirtioDevices>,
-    device_entries: Vec<crate::control::DeviceEntry>,
-    balloon: Option<devices::virtio::balloon::BalloonControl>,
-    control_path: Option<std::path::PathBuf>,
-    cpus: u32,
-    memory_size: u64,
-    serial: Arc<Mutex<Serial>>,
-    power_button: GedHandle,
-    events_tx: Sender<VmEvent>,
-    events_rx: Receiver<VmEvent>,
-    control: Arc<RunControl>,
-    flavour: KvmFlavour,
-    kernel_boot: bool,
-    started: Instant,
+    pub(crate) vcpus: Vec<Vcpu>,
+    pub(crate) _vm_fd: VmFd,
+    pub(crate) _kvm: Kvm,
+    pub(crate) mem: GuestMemoryMmap,
+    pub(crate) _firmware: Option<GuestMemoryMmap>,
+    pub(crate) console: Console,
+    pub(crate) virtio: Option<crate::virtio::VirtioDevices>,
+    pub(crate) device_entries: Vec<DeviceEntry>,
+    pub(crate) balloon: Option<devices::virtio::balloon::BalloonControl>,
+    pub(crate) control_path: Option<std::path::PathBuf>,
+    pub(crate) cpus: u32,
+    pub(crate) memory_size: u64,
+    pub(crate) serial: Arc<Mutex<Serial>>,
+    pub(crate) power_button: GedHandle,
+    pub(crate) events_tx: Sender<VmEvent>,
+    pub(crate) events_rx: Receiver<VmEvent>,
+    pub(crate) control: Arc<RunControl>,
+    pub(crate) flavour: KvmFlavour,
+    pub(crate) kernel_boot: bool,
+    pub(crate) started: Instant,
 }
 
 /// On PVM, a kernel that is not PVM-aware spins inside KVM forever without a single exit; a
@@ -214,201 +192,21 @@ pub fn base_cmdline(kernel_console: bool) -> &'static str {
 }
 
 impl Vm {
-    /// Validates `config`, opens KVM and builds the VM (memory, devices, boot image, vCPUs).
-    /// `started` is when the process started, for start-up timing.
+    /// Builds a VM to boot `config`'s kernel or firmware: [`builder::build_for_boot`].
     pub fn build(config: &VmConfig, kvm_path: &Path, started: Instant) -> Result<Vm, VmError> {
-        let limits = probe_host_limits(kvm_path);
-        let kernel_format = config.validate(&limits)?;
-        // Device back-ends (images, TAPs, sockets) open before KVM: their errors are the user's
-        // to fix and come first, like the configuration's.
-        let built = crate::virtio::build_devices(config)?;
-        let kvm = kvm::open_kvm(kvm_path)?;
-        let flavour = KvmFlavour::detect();
-        if config.kernel.is_some() && !flavour.runs_stock_kernels() {
-            tracing::warn!("{PVM_HINT}");
-        }
-
-        // KVM_CREATE_VM can fail with EINTR when a signal arrives while KVM sets the VM up
-        // (seen in the lab): try again, a bounded number of times.
-        let mut attempts = 0;
-        let vm_fd = loop {
-            match kvm.create_vm() {
-                Err(e) if e.errno() == libc::EINTR && attempts < 100 => attempts += 1,
-                other => break other.map_err(kvm_err("KVM_CREATE_VM"))?,
-            }
-        };
-        vm_fd
-            .set_identity_map_address(KVM_IDENTITY_MAP_START)
-            .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
-        vm_fd
-            .set_tss_address(KVM_TSS_START as usize)
-            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-        vm_fd
-            .create_irq_chip()
-            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-        vm_fd
-            .create_pit2(kvm_pit_config {
-                flags: KVM_PIT_SPEAKER_DUMMY,
-                ..Default::default()
-            })
-            .map_err(kvm_err("KVM_CREATE_PIT2"))?;
-
-        let mem = memory::create_guest_memory(config.memory.0)?;
-        let mut next_slot = memory::register_with_kvm(&vm_fd, &mem, 0)
-            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
-        let firmware = match &config.firmware {
-            Some(path) => {
-                let image = std::fs::read(path).map_err(|e| {
-                    VmError::Config(ConfigError::File {
-                        what: "firmware",
-                        path: path.clone(),
-                        reason: e.to_string(),
-                    })
-                })?;
-                let fw = memory::create_firmware_memory(&image)?;
-                next_slot = memory::register_with_kvm(&vm_fd, &fw, next_slot)
-                    .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION (firmware)"))?;
-                Some(fw)
-            }
-            None => None,
-        };
-        let _ = next_slot;
-
-        // Devices.
-        let (events_tx, events_rx) = channel();
-        // mpsc::Sender is Sync: devices on any vCPU thread can send through the same one.
-        let tx = events_tx.clone();
-        let sink: VmRequestFn = Arc::new(move |r| {
-            let _ = tx.send(VmEvent::Request(r));
-        });
-        let mut console = Console::open(&config.serial)?;
-        let serial_irq = Interrupt::new().map_err(|source| VmError::Io {
-            what: "creating the serial interrupt eventfd",
-            source,
-        })?;
-        vm_fd
-            .register_irqfd(serial_irq.eventfd(), COM1_IRQ)
-            .map_err(kvm_err("KVM_IRQFD (COM1)"))?;
-        let serial = Arc::new(Mutex::new(Serial::new(serial_irq, console.take_output())));
-        let mut pio = Bus::new();
-        let dev_err = |e: devices::BusError| VmError::Device(e.to_string());
-        pio.insert(serial.clone(), u64::from(COM1_PORT), 8)
-            .map_err(dev_err)?;
-        pio.insert(Arc::new(Mutex::new(I8042::new(sink.clone()))), 0x60, 5)
-            .map_err(dev_err)?;
-        pio.insert(
-            Arc::new(Mutex::new(PvPanic::new(sink.clone()))),
-            u64::from(PVPANIC_PORT),
-            1,
-        )
-        .map_err(dev_err)?;
-        pio.insert(
-            Arc::new(Mutex::new(ResetControl::new(sink.clone()))),
-            u64::from(RESET_CONTROL_PORT),
-            1,
-        )
-        .map_err(dev_err)?;
-        pio.insert(
-            Arc::new(Mutex::new(AcpiPm::new(sink))),
-            u64::from(ACPI_PM_PORT),
-            ACPI_PM_LEN,
-        )
-        .map_err(dev_err)?;
-        // The ACPI power button: the GED's event register and its edge-triggered GSI.
-        let ged_irq = Interrupt::new().map_err(|source| VmError::Io {
-            what: "creating the GED interrupt eventfd",
-            source,
-        })?;
-        vm_fd
-            .register_irqfd(ged_irq.eventfd(), GED_GSI)
-            .map_err(kvm_err("KVM_IRQFD (GED)"))?;
-        let ged = Ged::new(ged_irq);
-        let power_button = ged.handle();
-        pio.insert(Arc::new(Mutex::new(ged)), u64::from(GED_PORT), GED_LEN)
-            .map_err(dev_err)?;
-        let pio = Arc::new(pio);
-        let mut mmio = Bus::new();
-        let virtio = crate::virtio::attach(&vm_fd, &mem, &mut mmio, built.devices)
-            .map_err(|e| VmError::Device(e.to_string()))?;
-        let mmio = Arc::new(mmio);
-
-        // Boot image.
-        let entry = match (&config.kernel, kernel_format) {
-            (Some(kernel), Some(format)) => {
-                let rsdp = acpi::create_acpi_tables(&mem, config.cpus, &virtio.dsdt)?;
-                let base = base_cmdline(console.wants_kernel_console());
-                let cmdline = match (base.is_empty(), config.cmdline.trim().is_empty()) {
-                    (_, true) => base.to_string(),
-                    (true, false) => config.cmdline.trim().to_string(),
-                    (false, false) => format!("{base} {}", config.cmdline.trim()),
-                };
-                boot::load_linux(
-                    &mem,
-                    &LinuxBoot {
-                        kernel,
-                        format,
-                        initrd: config.initrd.as_deref(),
-                        cmdline: &cmdline,
-                        mem_size: config.memory.0,
-                        rsdp,
-                    },
-                )?
-            }
-            _ => BootEntry::ResetVector,
-        };
-
-        // vCPUs.
-        let host_cpuid = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-        let hint = if flavour.runs_stock_kernels() {
-            Some("the guest stopped before it could report a panic; add `earlyprintk=ttyS0` to --cmdline to see how far it got, and check the kernel is an x86-64 Linux kernel")
-        } else {
-            Some(PVM_HINT)
-        };
-        let setup = VcpuSetup {
-            host_cpuid: &host_cpuid,
-            vcpu_count: config.cpus,
-            pmu: config.pmu,
-            brand: cpu::cpuid::host_brand(),
-            entry,
-            mem: &mem,
-        };
-        let mut vcpus = Vec::with_capacity(config.cpus as usize);
-        for id in 0..config.cpus {
-            let fd = vm_fd
-                .create_vcpu(u64::from(id))
-                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-            vcpus.push(Vcpu::new(id, fd, &setup, pio.clone(), mmio.clone(), hint)?);
-        }
-
-        Ok(Vm {
-            vcpus,
-            _vm_fd: vm_fd,
-            _kvm: kvm,
-            mem,
-            _firmware: firmware,
-            console,
-            serial,
-            power_button,
-            events_tx,
-            events_rx,
-            control: Arc::new(RunControl::default()),
-            flavour,
-            kernel_boot: config.kernel.is_some(),
-            virtio: Some(virtio),
-            device_entries: built.entries,
-            balloon: built.balloon,
-            control_path: None,
-            cpus: config.cpus,
-            memory_size: config.memory.0,
-            started,
-        })
+        builder::build_for_boot(config, kvm_path, started)
     }
 
     /// Serves a control socket at `path` while the VM runs (see [`crate::control`]).
     pub fn set_control_socket(&mut self, path: &Path) {
         self.control_path = Some(path.to_path_buf());
+    }
+
+    /// A handle that sends [`VmCommand`]s to this VM once it runs, without any socket.
+    pub fn handle(&self) -> VmHandle {
+        VmHandle {
+            events: self.events_tx.clone(),
+        }
     }
 
     /// The KVM flavour the VM runs on.
@@ -422,7 +220,7 @@ impl Vm {
     }
 
     /// Runs the VM until the guest powers off, reboots, panics or faults, or the host stops it
-    /// (SIGINT, SIGTERM, SIGHUP, the console's `Ctrl-A x`).
+    /// (SIGINT, SIGTERM, SIGHUP, the console's `Ctrl-A x`, a `stop` command).
     pub fn run(mut self) -> Result<VmOutcome, VmError> {
         let io_err = |what| move |source| VmError::Io { what, source };
         cpu::install_kick_handler().map_err(io_err("installing the vCPU kick handler"))?;
@@ -455,7 +253,7 @@ impl Vm {
             .map_err(io_err("starting serial input"))?;
 
         let run_start = Instant::now();
-        let mut threads: Vec<(JoinHandle<Vcpu>, Arc<VcpuStats>)> = Vec::new();
+        let mut threads: Vec<VcpuThread> = Vec::new();
         for vcpu in self.vcpus.drain(..) {
             let stats = vcpu.stats();
             let ctl = self.control.clone();
@@ -471,86 +269,54 @@ impl Vm {
             "vCPUs started {:.1} ms after process start",
             self.started.elapsed().as_secs_f64() * 1000.0
         );
-        let paused = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let shutting_down = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut running = Running {
+            threads,
+            control: self.control.clone(),
+            power_button: self.power_button.clone(),
+            devices: std::mem::take(&mut self.device_entries),
+            balloon: self.balloon.clone(),
+            cpus: self.cpus,
+            memory: self.memory_size,
+            started: run_start,
+            paused: false,
+            shutting_down: false,
+        };
         let _control_socket = match self.control_path.clone() {
-            Some(path) => {
-                let state = crate::control::ControlState {
-                    started: run_start,
-                    cpus: self.cpus,
-                    memory: self.memory_size,
-                    vcpu_stats: threads.iter().map(|(_, s)| s.clone()).collect(),
-                    devices: std::mem::take(&mut self.device_entries),
-                    balloon: self.balloon.clone(),
-                    events: self.events_tx.clone(),
-                    paused: paused.clone(),
-                    shutting_down: shutting_down.clone(),
-                };
-                match crate::control::serve(&path, state) {
-                    Ok(sock) => Some(sock),
-                    Err(source) => {
-                        self.stop_vcpus(&threads);
-                        return Err(VmError::Io {
-                            what: "serving the control socket",
-                            source,
-                        });
-                    }
+            Some(path) => match crate::control::serve(&path, self.events_tx.clone()) {
+                Ok(sock) => Some(sock),
+                Err(source) => {
+                    running.stop_vcpus();
+                    return Err(VmError::Io {
+                        what: "serving the control socket",
+                        source,
+                    });
                 }
-            }
+            },
             None => None,
         };
 
         let mut watchdog =
             (self.kernel_boot && self.flavour == KvmFlavour::Pvm).then_some(PVM_PROGRESS_TIMEOUT);
         let event = loop {
-            let event = self.next_event(watchdog, &threads);
+            let event = self.next_event(watchdog, &running.threads);
             watchdog = None;
             match event {
-                Some(VmEvent::Control(req)) => {
-                    let result = match req.action {
-                        crate::control::Action::Pause => {
-                            self.pause_vcpus(&threads);
-                            paused.store(true, std::sync::atomic::Ordering::SeqCst);
-                            Ok("paused")
-                        }
-                        crate::control::Action::Resume => {
-                            self.control.resume();
-                            paused.store(false, std::sync::atomic::Ordering::SeqCst);
-                            Ok("running")
-                        }
-                        crate::control::Action::Shutdown => {
-                            if paused.load(std::sync::atomic::Ordering::SeqCst) {
-                                Err("the VM is paused and cannot react to the power button; \
-resume it first, or stop it"
-                                    .to_string())
-                            } else {
-                                match self.power_button.press_power_button() {
-                                    Ok(()) => {
-                                        tracing::info!("ACPI power button pressed");
-                                        shutting_down
-                                            .store(true, std::sync::atomic::Ordering::SeqCst);
-                                        Ok("shutting-down")
-                                    }
-                                    Err(e) => Err(format!("pressing the power button: {e}")),
-                                }
-                            }
-                        }
-                        crate::control::Action::Stop => {
-                            let _ = req.reply.send(Ok("stopped"));
-                            break Some(VmEvent::UserQuit);
-                        }
-                    };
-                    let _ = req.reply.send(result);
+                Some(VmEvent::Command(CommandRequest { command, reply })) => {
+                    let stop = command == VmCommand::Stop;
+                    let _ = reply.send(running.command(command));
+                    if stop {
+                        break Some(VmEvent::UserQuit);
+                    }
                 }
                 other => break other,
             }
         };
         let run_time = run_start.elapsed();
         signal_handle.close();
-        self.stop_vcpus(&threads);
+        running.stop_vcpus();
         let mut exits = ExitCounts::default();
         let mut vcpus = Vec::new();
-        for (handle, stats) in threads {
+        for (handle, stats) in running.threads {
             exits.add(&stats.snapshot());
             if let Ok(v) = handle.join() {
                 tracing::debug!("vCPU {} at exit:\n{}", v.id(), v.registers());
@@ -574,7 +340,7 @@ resume it first, or stop it"
             Some(VmEvent::Request(VmRequest::Panic)) => ExitReason::Panic,
             Some(VmEvent::Fault(f)) => ExitReason::Fault(f),
             Some(VmEvent::Signal(sig)) => ExitReason::Stopped(Some(sig)),
-            Some(VmEvent::UserQuit) | Some(VmEvent::Control(_)) => ExitReason::Stopped(None),
+            Some(VmEvent::UserQuit) | Some(VmEvent::Command(_)) => ExitReason::Stopped(None),
             // The PVM watchdog fired: the kernel never touched a device.
             None => ExitReason::Fault(Box::new(FaultReport {
                 vcpu: 0,
@@ -596,11 +362,7 @@ KVM is PVM and the kernel is not PVM-aware",
 
     /// Waits for the event that ends the VM. With `watchdog`, gives up (`None`) when no vCPU
     /// has exited to the VMM by then.
-    fn next_event(
-        &self,
-        watchdog: Option<Duration>,
-        threads: &[(JoinHandle<Vcpu>, Arc<VcpuStats>)],
-    ) -> Option<VmEvent> {
+    fn next_event(&self, watchdog: Option<Duration>, threads: &[VcpuThread]) -> Option<VmEvent> {
         if let Some(limit) = watchdog {
             match self.events_rx.recv_timeout(limit) {
                 Ok(ev) => return Some(ev),
@@ -618,12 +380,171 @@ KVM is PVM and the kernel is not PVM-aware",
         // Every sender gone cannot happen (the VM holds one); treat it as a stop.
         Some(self.events_rx.recv().unwrap_or(VmEvent::UserQuit))
     }
+}
+
+/// Sends commands to a VM's loop from any thread (tests, an embedding program); the control
+/// socket does the same for other processes.
+#[derive(Clone)]
+pub struct VmHandle {
+    events: Sender<VmEvent>,
+}
+
+impl VmHandle {
+    /// Sends `command` and waits up to `timeout` for the VM loop's reply.
+    pub fn send(&self, command: VmCommand, timeout: Duration) -> VmReply {
+        crate::control::submit(&self.events, command, timeout)
+    }
+}
+
+/// A vCPU thread (it hands its [`Vcpu`] back when it ends) and its counters.
+type VcpuThread = (JoinHandle<Vcpu>, Arc<VcpuStats>);
+
+/// What the VM loop knows while the VM runs: everything a command needs.
+struct Running {
+    threads: Vec<VcpuThread>,
+    control: Arc<RunControl>,
+    power_button: GedHandle,
+    devices: Vec<DeviceEntry>,
+    balloon: Option<devices::virtio::balloon::BalloonControl>,
+    cpus: u32,
+    memory: u64,
+    started: Instant,
+    paused: bool,
+    shutting_down: bool,
+}
+
+impl Running {
+    /// Carries out one command: the only place any [`VmCommand`] is handled. `stop` is
+    /// answered here; the loop then ends the VM.
+    fn command(&mut self, command: VmCommand) -> VmReply {
+        match command {
+            VmCommand::Status => Ok(VmResponse::Status(VmStatus {
+                state: self.state(),
+                pid: std::process::id(),
+                uptime_ms: self.uptime_ms(),
+                cpus: self.cpus,
+                memory: self.memory,
+            })),
+            VmCommand::Stats => Ok(VmResponse::Stats(Box::new(self.stats()))),
+            VmCommand::Pause => {
+                self.pause_vcpus();
+                self.paused = true;
+                Ok(VmResponse::State(RunState::Paused))
+            }
+            VmCommand::Resume => {
+                self.control.resume();
+                self.paused = false;
+                Ok(VmResponse::State(self.state()))
+            }
+            VmCommand::Shutdown => {
+                if self.paused {
+                    return Err("the VM is paused and cannot react to the power button; \
+resume it first, or stop it"
+                        .into());
+                }
+                self.power_button
+                    .press_power_button()
+                    .map_err(|e| format!("pressing the power button: {e}"))?;
+                tracing::info!("ACPI power button pressed");
+                self.shutting_down = true;
+                Ok(VmResponse::State(RunState::ShuttingDown))
+            }
+            VmCommand::Stop => Ok(VmResponse::State(RunState::Stopped)),
+            VmCommand::Balloon { size } => {
+                let Some(b) = &self.balloon else {
+                    return Err("this VM has no balloon (start it with --balloon)".into());
+                };
+                if size.0 >= self.memory {
+                    return Err(format!(
+                        "size: {size} is not smaller than the guest's memory ({})",
+                        ByteSize(self.memory)
+                    ));
+                }
+                b.set_target_bytes(size.0);
+                Ok(VmResponse::Balloon(BalloonTarget {
+                    target: size.0,
+                    actual: b.actual_bytes(),
+                }))
+            }
+        }
+    }
+
+    fn state(&self) -> RunState {
+        if self.paused {
+            RunState::Paused
+        } else if self.shutting_down {
+            RunState::ShuttingDown
+        } else {
+            RunState::Running
+        }
+    }
+
+    fn uptime_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn stats(&self) -> VmmStats {
+        let vcpus = self
+            .threads
+            .iter()
+            .zip(0u32..)
+            .map(|((_, s), vcpu)| api::VcpuStats {
+                vcpu,
+                exits: exit_counters(&s.snapshot()),
+                cpu_time_ms: None,
+            })
+            .collect();
+        let devices = self
+            .devices
+            .iter()
+            .map(|d| api::DeviceStats {
+                kind: d.kind.to_string(),
+                id: d.id.clone(),
+                counters: d
+                    .metrics
+                    .as_ref()
+                    .map(|m| {
+                        m.snapshot()
+                            .into_iter()
+                            .map(|(k, v)| (k.to_string(), v))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            })
+            .collect();
+        let balloon = self.balloon.as_ref().map(|b| {
+            let s = b.stats();
+            BalloonStats {
+                target: b.target_bytes(),
+                actual: b.actual_bytes(),
+                guest: BalloonGuestStats {
+                    swap_in: s.swap_in,
+                    swap_out: s.swap_out,
+                    major_faults: s.major_faults,
+                    minor_faults: s.minor_faults,
+                    free_memory: s.free_memory,
+                    total_memory: s.total_memory,
+                    available_memory: s.available_memory,
+                    disk_caches: s.disk_caches,
+                },
+            }
+        });
+        VmmStats {
+            state: self.state(),
+            uptime_ms: self.uptime_ms(),
+            rss_bytes: crate::control::rss_bytes(),
+            vcpus,
+            devices,
+            balloon,
+        }
+    }
+
     /// Parks every vCPU: sets the pause flag and kicks the threads until all are parked.
-    fn pause_vcpus(&self, threads: &[(JoinHandle<Vcpu>, Arc<VcpuStats>)]) {
+    fn pause_vcpus(&self) {
         self.control.request_pause();
         let deadline = Instant::now() + Duration::from_secs(5);
-        while (self.control.parked() as usize) < threads.len() && Instant::now() < deadline {
-            for (h, _) in threads {
+        while (self.control.parked() as usize) < self.threads.len() && Instant::now() < deadline {
+            for (h, _) in &self.threads {
                 if !h.is_finished() {
                     let _ = h.kill(cpu::kick_signal());
                 }
@@ -634,12 +555,12 @@ KVM is PVM and the kernel is not PVM-aware",
 
     /// Stops every vCPU thread: sets the stop flag, then kicks the threads until they have
     /// left `KVM_RUN` (a kick can race with a thread entering it, so it is repeated).
-    fn stop_vcpus(&self, threads: &[(JoinHandle<Vcpu>, Arc<VcpuStats>)]) {
+    fn stop_vcpus(&self) {
         self.control.request_stop();
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             let mut alive = 0;
-            for (h, _) in threads {
+            for (h, _) in &self.threads {
                 if !h.is_finished() {
                     alive += 1;
                     let _ = h.kill(cpu::kick_signal());
@@ -654,5 +575,66 @@ KVM is PVM and the kernel is not PVM-aware",
             }
             std::thread::sleep(Duration::from_millis(2));
         }
+    }
+}
+
+/// Exit counters by name, as the control protocol reports them.
+pub fn exit_counters(e: &ExitCounts) -> BTreeMap<String, u64> {
+    [
+        ("total", e.total()),
+        ("io_in", e.io_in),
+        ("io_out", e.io_out),
+        ("mmio_read", e.mmio_read),
+        ("mmio_write", e.mmio_write),
+        ("unhandled_pio", e.unhandled_pio),
+        ("unhandled_mmio", e.unhandled_mmio),
+        ("hlt", e.hlt),
+        ("interrupted", e.interrupted),
+        ("other", e.other),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_reports_name_their_reason() {
+        let r = ExitReason::Stopped(Some(15)).exit_report();
+        let text = serde_json::to_string(&r).unwrap();
+        assert!(text.contains("\"reason\":\"signal\""), "{text}");
+        assert!(text.contains("\"signal\":15"), "{text}");
+        assert_eq!(r.exit_code, EXIT_OK);
+        let f = ExitReason::Fault(Box::new(FaultReport {
+            vcpu: 1,
+            kind: "triple fault".into(),
+            registers: String::new(),
+            hint: None,
+        }))
+        .exit_report();
+        assert_eq!(f.reason, ExitKind::Fault);
+        assert_eq!(f.exit_code, EXIT_GUEST_FAULT);
+        assert_eq!(f.message.as_deref(), Some("vCPU 1: triple fault"));
+        assert_eq!(ExitReason::Panic.exit_report().exit_code, EXIT_GUEST_PANIC);
+        assert_eq!(
+            ExitReason::Poweroff.exit_report().reason,
+            ExitKind::Poweroff
+        );
+    }
+
+    #[test]
+    fn exit_counters_cover_every_kind() {
+        let e = ExitCounts {
+            io_in: 1,
+            hlt: 2,
+            ..Default::default()
+        };
+        let m = exit_counters(&e);
+        assert_eq!(m["total"], 3);
+        assert_eq!(m["io_in"], 1);
+        assert_eq!(m.len(), 10);
     }
 }

@@ -7,8 +7,7 @@ use api::ApiError;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use vmm::config::ConfigError;
-use vmm::VmConfig;
+use config::ConfigError;
 
 /// An API error: its status and body.
 #[derive(Debug)]
@@ -58,18 +57,18 @@ impl Failure {
         Failure::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", None, reason)
     }
 
-    /// A configuration the host cannot run: 422 naming the config field concerned.
-    pub fn config(cfg: &VmConfig, e: &ConfigError) -> Failure {
+    /// A configuration the host cannot run: 422 naming the config field concerned and the
+    /// reason (phrased for the API: fields, not the CLI's flags).
+    pub fn config(e: &ConfigError) -> Failure {
+        let field = config_field(e);
+        let reason = e.reason();
         let mut f = Failure::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid_value",
-            Some(config_field(cfg, e)),
-            e.to_string(),
+            Some(field.clone()),
+            reason.clone(),
         );
-        f.body.error = format!(
-            "invalid {}: {e}",
-            f.body.field.as_deref().unwrap_or("config")
-        );
+        f.body.error = format!("invalid {field}: {reason}");
         f
     }
 }
@@ -145,84 +144,19 @@ impl IntoResponse for Failure {
     }
 }
 
-/// The field of `cfg` that `e` is about, as a request path (`config.cpus`,
-/// `config.disks[1].path`, …).
-pub fn config_field(cfg: &VmConfig, e: &ConfigError) -> String {
-    use ConfigError::*;
-    let disk_index = |path: &std::path::Path| cfg.disks.iter().position(|d| d.path == path);
-    let field = match e {
-        NoCpus | TooManyCpus { .. } => "cpus".to_string(),
-        Size(_) | MemoryTooSmall(_) | MemoryUnaligned(_) | MemoryTooLarge { .. } => {
-            "memory".to_string()
-        }
-        NothingToBoot | NotAKernel(_) => "kernel".to_string(),
-        KernelAndFirmware | FirmwareSize { .. } => "firmware".to_string(),
-        BootArgsWithoutKernel => {
-            if cfg.initrd.is_some() {
-                "initrd".to_string()
-            } else {
-                "cmdline".to_string()
-            }
-        }
-        CmdlineTooLong { .. } => "cmdline".to_string(),
-        Serial(_) | SerialSocketExists(_) => "serial".to_string(),
-        File { what, path, .. } => match *what {
-            "kernel" | "initrd" | "firmware" => what.to_string(),
-            "disk" => match disk_index(path) {
-                Some(i) => format!("disks[{i}].path"),
-                None => "disks".to_string(),
-            },
-            "vsock socket" => "vsock.socket".to_string(),
-            "console socket" => "console".to_string(),
-            _ => String::new(),
-        },
-        DeviceOption { flag, value, .. } => match *flag {
-            "--net" => cfg
-                .nets
-                .iter()
-                .position(|n| value.strip_prefix("tap=") == Some(n.tap.as_str()))
-                .map(|i| format!("nets[{i}].tap"))
-                .unwrap_or_else(|| "nets".to_string()),
-            "--disk" => "disks".to_string(),
-            "--vsock" => {
-                if value.starts_with("cid=") {
-                    "vsock.cid".to_string()
-                } else {
-                    "vsock".to_string()
-                }
-            }
-            "--balloon" => {
-                if value.starts_with("size=") {
-                    "balloon.size".to_string()
-                } else {
-                    "balloon".to_string()
-                }
-            }
-            "--console" => "console".to_string(),
-            _ => String::new(),
-        },
-        Duplicate(msg) => {
-            if msg.starts_with("disk ") {
-                "disks".to_string()
-            } else if msg.starts_with("TAP ") {
-                "nets".to_string()
-            } else {
-                String::new()
-            }
-        }
-        TooManyDevices { .. } | ConfigFile { .. } => String::new(),
-    };
-    if field.is_empty() {
-        "config".to_string()
-    } else {
-        format!("config.{field}")
+/// The request path of the config field `e` is about (`config.cpus`, `config.disks[1].path`),
+/// or `config` for the configuration as a whole.
+pub fn config_field(e: &ConfigError) -> String {
+    match e.field() {
+        Some(f) => format!("config.{f}"),
+        None => "config".to_string(),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vmm::config::DiskConfig;
+    use config::{DiskConfig, VmConfig};
 
     #[test]
     fn config_errors_name_their_field() {
@@ -245,10 +179,12 @@ mod tests {
             ],
             ..Default::default()
         };
-        let f = |e: ConfigError| config_field(&cfg, &e);
+        let _ = &cfg;
+        let f = |e: ConfigError| config_field(&e);
         assert_eq!(f(ConfigError::NoCpus), "config.cpus");
         assert_eq!(
             f(ConfigError::File {
+                field: "disks[1].path".into(),
                 what: "disk",
                 path: "/b".into(),
                 reason: "no such file".into()

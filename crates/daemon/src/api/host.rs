@@ -59,7 +59,7 @@ pub async fn host_info(State(st): State<AppState>) -> Result<Json<HostInfo>, Fai
             kvm_path: kvm_path.display().to_string(),
             kvm_usable: kvm_error.is_none(),
             kvm_error,
-            max_vcpus: limits.max_vcpus.min(vmm::config::MAX_VCPUS_GUEST),
+            max_vcpus: limits.max_vcpus.min(config::MAX_VCPUS_GUEST),
             cpus: crate::cgroup::host_cpus(),
             memory_bytes: limits.host_memory,
             vms: u32::try_from(vms.len()).unwrap_or(u32::MAX),

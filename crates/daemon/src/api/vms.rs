@@ -51,7 +51,7 @@ pub async fn create_vm(
         config
             .validate(&limits)
             .map(|_| ())
-            .map_err(|e| Failure::config(&config, &e))
+            .map_err(|e| Failure::config(&e))
     })
     .await
     .map_err(|e| Failure::internal(format!("validation failed: {e}")))??;

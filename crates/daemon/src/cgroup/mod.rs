@@ -20,12 +20,12 @@
 //! VMs that ask for limits ([`check_without_cgroups`]).
 
 use api::Resources;
+use config::VmConfig;
 use std::fmt;
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Component, Path, PathBuf};
 use std::time::{Duration, Instant};
-use vmm::VmConfig;
 
 /// Highest `cpu.weight` (the lowest is 1; the kernel's default is 100).
 pub const CPU_WEIGHT_MAX: u32 = 10_000;
@@ -345,9 +345,9 @@ impl fmt::Display for LimitError {
                 f,
                 "invalid {FIELD_MEMORY_MAX}: {} ({value} bytes) is less than the guest's memory \
                  {} plus {} for the VMM itself ({} bytes in all)",
-                vmm::config::ByteSize(*value),
-                vmm::config::ByteSize(*guest),
-                vmm::config::ByteSize(MEMORY_OVERHEAD),
+                config::ByteSize(*value),
+                config::ByteSize(*guest),
+                config::ByteSize(MEMORY_OVERHEAD),
                 guest.saturating_add(MEMORY_OVERHEAD)
             ),
             LimitError::Unavailable {

@@ -1,6 +1,6 @@
 //! Unit tests of the cgroup module (a fake cgroupfs in temporary directories).
 use super::*;
-use vmm::config::ByteSize;
+use config::ByteSize;
 
 const MIB: u64 = 1 << 20;
 

@@ -1,12 +1,12 @@
 //! Helpers shared by the store's integration tests.
 #![allow(dead_code)]
 
+use config::ByteSize;
+use config::VmConfig;
 use daemon::{EventKind, Store, VmState};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use vmm::config::ByteSize;
-use vmm::VmConfig;
 
 /// A directory under the target's scratch space, removed on drop.
 pub struct TempDir(PathBuf);

@@ -3,12 +3,12 @@
 
 pub mod acpi;
 
-use crate::config::{KernelFormat, CMDLINE_MAX};
 use crate::cpu::regs::BootEntry;
 use crate::memory::{
     e820_map, low_ram_end, E820Entry, BIOS_RESET_VECTOR, CMDLINE_START, HIMEM_START,
     PVH_INFO_START, PVH_MEMMAP_START, PVH_MODLIST_START, ZERO_PAGE_START,
 };
+use config::{KernelFormat, CMDLINE_MAX};
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};

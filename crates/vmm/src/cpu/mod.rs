@@ -4,7 +4,7 @@
 pub mod cpuid;
 pub mod regs;
 
-use crate::vm::{FaultReport, VmEvent};
+use crate::event::{FaultReport, VmEvent};
 use devices::{Bus, VmRequest};
 use kvm_bindings::{
     CpuId, Msrs, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,

@@ -16,11 +16,7 @@ fn parse_opts<'a>(
     s: &'a str,
     keys: &[&'static str],
 ) -> Result<BTreeMap<&'static str, &'a str>, ConfigError> {
-    let bad = |reason: String| ConfigError::DeviceOption {
-        flag,
-        value: s.to_string(),
-        reason,
-    };
+    let bad = |reason: String| ConfigError::device_option(flag, s.to_string(), reason);
     let mut out = BTreeMap::new();
     if s.trim().is_empty() {
         return Ok(out);
@@ -52,11 +48,11 @@ fn opt_bool(flag: &'static str, s: &str, key: &str, v: Option<&str>) -> Result<b
         None => Ok(false),
         Some("on" | "true" | "yes" | "1") => Ok(true),
         Some("off" | "false" | "no" | "0") => Ok(false),
-        Some(other) => Err(ConfigError::DeviceOption {
+        Some(other) => Err(ConfigError::device_option(
             flag,
-            value: s.to_string(),
-            reason: format!("{key}={other}: expected on or off"),
-        }),
+            s.to_string(),
+            format!("{key}={other}: expected on or off"),
+        )),
     }
 }
 
@@ -67,14 +63,13 @@ fn opt_num(
     v: Option<&str>,
 ) -> Result<Option<u64>, ConfigError> {
     v.map(|v| {
-        v.parse::<u64>()
-            .ok()
-            .filter(|n| *n > 0)
-            .ok_or_else(|| ConfigError::DeviceOption {
+        v.parse::<u64>().ok().filter(|n| *n > 0).ok_or_else(|| {
+            ConfigError::device_option(
                 flag,
-                value: s.to_string(),
-                reason: format!("{key}={v}: expected a positive whole number"),
-            })
+                s.to_string(),
+                format!("{key}={v}: expected a positive whole number"),
+            )
+        })
     })
     .transpose()
 }
@@ -86,13 +81,13 @@ fn opt_size(
     v: Option<&str>,
 ) -> Result<Option<ByteSize>, ConfigError> {
     v.map(|v| {
-        v.parse::<ByteSize>()
-            .ok()
-            .ok_or_else(|| ConfigError::DeviceOption {
+        v.parse::<ByteSize>().ok().ok_or_else(|| {
+            ConfigError::device_option(
                 flag,
-                value: s.to_string(),
-                reason: format!("{key}={v}: expected a size such as 10M"),
-            })
+                s.to_string(),
+                format!("{key}={v}: expected a size such as 10M"),
+            )
+        })
     })
     .transpose()
 }
@@ -124,10 +119,8 @@ impl FromStr for DiskConfig {
     fn from_str(s: &str) -> Result<Self, ConfigError> {
         const F: &str = "--disk";
         let o = parse_opts(F, s, &["path", "readonly", "id", "iops", "bw"])?;
-        let path = o.get("path").ok_or_else(|| ConfigError::DeviceOption {
-            flag: F,
-            value: s.to_string(),
-            reason: "path= is required".into(),
+        let path = o.get("path").ok_or_else(|| {
+            ConfigError::device_option(F, s.to_string(), "path= is required".into())
         })?;
         Ok(DiskConfig {
             path: PathBuf::from(path),
@@ -222,11 +215,7 @@ impl FromStr for NetConfig {
     fn from_str(s: &str) -> Result<Self, ConfigError> {
         const F: &str = "--net";
         let o = parse_opts(F, s, &["tap", "mac", "id", "iops", "bw"])?;
-        let bad = |reason: String| ConfigError::DeviceOption {
-            flag: F,
-            value: s.to_string(),
-            reason,
-        };
+        let bad = |reason: String| ConfigError::device_option(F, s.to_string(), reason);
         let tap = o.get("tap").ok_or_else(|| bad("tap= is required".into()))?;
         let mac = o
             .get("mac")
@@ -259,11 +248,7 @@ impl FromStr for VsockConfig {
     fn from_str(s: &str) -> Result<Self, ConfigError> {
         const F: &str = "--vsock";
         let o = parse_opts(F, s, &["cid", "socket"])?;
-        let bad = |reason: String| ConfigError::DeviceOption {
-            flag: F,
-            value: s.to_string(),
-            reason,
-        };
+        let bad = |reason: String| ConfigError::device_option(F, s.to_string(), reason);
         let cid = o.get("cid").ok_or_else(|| bad("cid= is required".into()))?;
         let cid = cid
             .parse::<u64>()
@@ -309,10 +294,8 @@ impl FromStr for BalloonConfig {
         Ok(BalloonConfig {
             size: opt_size(F, s, "size", o.get("size").copied())?.unwrap_or_default(),
             deflate_on_oom: opt_bool(F, s, "deflate-on-oom", o.get("deflate-on-oom").copied())?,
-            stats_interval: u32::try_from(stats).map_err(|_| ConfigError::DeviceOption {
-                flag: F,
-                value: s.to_string(),
-                reason: format!("stats={stats}: too large"),
+            stats_interval: u32::try_from(stats).map_err(|_| {
+                ConfigError::device_option(F, s.to_string(), format!("stats={stats}: too large"))
             })?,
             free_page_reporting: opt_bool(
                 F,
@@ -325,8 +308,9 @@ impl FromStr for BalloonConfig {
 }
 
 /// Checks that `path` can be opened as a disk image (read-write unless `readonly`).
-pub(super) fn check_disk(d: &DiskConfig) -> Result<(), ConfigError> {
+pub(super) fn check_disk(index: usize, d: &DiskConfig) -> Result<(), ConfigError> {
     let err = |reason: String| ConfigError::File {
+        field: format!("disks[{index}].path"),
         what: "disk",
         path: d.path.clone(),
         reason,
@@ -354,20 +338,20 @@ pub(super) fn check_disk(d: &DiskConfig) -> Result<(), ConfigError> {
     }
     if let Some(id) = &d.id {
         if id.len() > 20 {
-            return Err(err(format!(
-                "id={id}: at most 20 bytes (virtio-blk serial)"
-            )));
+            return Err(
+                err(format!("id={id}: at most 20 bytes (virtio-blk serial)"))
+                    .at(format!("disks[{index}].id")),
+            );
         }
     }
     Ok(())
 }
 
 /// Checks a TAP name the way the kernel will (IFNAMSIZ, no `/` or blanks).
-pub(super) fn check_tap(n: &NetConfig) -> Result<(), ConfigError> {
-    let bad = |reason: &str| ConfigError::DeviceOption {
-        flag: "--net",
-        value: format!("tap={}", n.tap),
-        reason: reason.to_string(),
+pub(super) fn check_tap(index: usize, n: &NetConfig) -> Result<(), ConfigError> {
+    let bad = |reason: &str| {
+        ConfigError::device_option("--net", format!("tap={}", n.tap), reason.to_string())
+            .at(format!("nets[{index}].tap"))
     };
     if n.tap.is_empty() || n.tap.len() > 15 {
         return Err(bad("a TAP name has 1 to 15 characters"));
@@ -384,8 +368,13 @@ pub(super) fn check_tap(n: &NetConfig) -> Result<(), ConfigError> {
 }
 
 /// Checks that a socket the VMM will create can be created at `path`.
-pub(super) fn check_new_socket(what: &'static str, path: &Path) -> Result<(), ConfigError> {
+pub(super) fn check_new_socket(
+    what: &'static str,
+    field: &str,
+    path: &Path,
+) -> Result<(), ConfigError> {
     let err = |reason: String| ConfigError::File {
+        field: field.to_string(),
         what,
         path: path.to_path_buf(),
         reason,
@@ -488,9 +477,9 @@ mod tests {
             iops: None,
             bw: None,
         };
-        assert!(check_tap(&n("fvtap0")).is_ok());
+        assert!(check_tap(0, &n("fvtap0")).is_ok());
         for bad in ["", "a/b", "sixteen-chars-xx", "a b", ".."] {
-            assert!(check_tap(&n(bad)).is_err(), "{bad:?}");
+            assert!(check_tap(0, &n(bad)).is_err(), "{bad:?}");
         }
     }
 

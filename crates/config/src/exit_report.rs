@@ -6,10 +6,18 @@
 //! (reason `signal`) and `"message"` (reason `fault` or `error`). A VMM killed by SIGKILL
 //! writes nothing: no report means the process did not end on its own terms.
 
-use crate::vm::{ExitReason, EXIT_SETUP_ERROR};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::Path;
+
+/// Exit status: the guest powered off or rebooted, or the host stopped it cleanly.
+pub const EXIT_OK: i32 = 0;
+/// Exit status: the VMM could not set the VM up (bad input, host problem).
+pub const EXIT_SETUP_ERROR: i32 = 1;
+/// Exit status: the guest kernel panicked (pvpanic or KVM crash event).
+pub const EXIT_GUEST_PANIC: i32 = 3;
+/// Exit status: KVM could not run the guest (internal error, triple fault, failed entry).
+pub const EXIT_GUEST_FAULT: i32 = 4;
 
 /// Why the VMM exited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,7 +66,8 @@ fn now_ms() -> u64 {
 }
 
 impl ExitReport {
-    fn new(reason: ExitKind, exit_code: i32) -> ExitReport {
+    /// A report of `reason` with `exit_code`, now, for this process.
+    pub fn new(reason: ExitKind, exit_code: i32) -> ExitReport {
         ExitReport {
             reason,
             exit_code,
@@ -66,25 +75,6 @@ impl ExitReport {
             pid: std::process::id(),
             signal: None,
             message: None,
-        }
-    }
-
-    /// The report for a VM that ran and stopped for `reason`.
-    pub fn from_reason(reason: &ExitReason) -> ExitReport {
-        let code = reason.exit_code();
-        match reason {
-            ExitReason::Poweroff => ExitReport::new(ExitKind::Poweroff, code),
-            ExitReason::Reset => ExitReport::new(ExitKind::Reset, code),
-            ExitReason::Panic => ExitReport::new(ExitKind::Panic, code),
-            ExitReason::Fault(f) => ExitReport {
-                message: Some(format!("vCPU {}: {}", f.vcpu, f.kind)),
-                ..ExitReport::new(ExitKind::Fault, code)
-            },
-            ExitReason::Stopped(None) => ExitReport::new(ExitKind::Stopped, code),
-            ExitReason::Stopped(Some(sig)) => ExitReport {
-                signal: Some(*sig),
-                ..ExitReport::new(ExitKind::Signal, code)
-            },
         }
     }
 
@@ -149,7 +139,10 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("exit.json");
         assert_eq!(ExitReport::read(&p).unwrap(), None);
-        let r = ExitReport::from_reason(&ExitReason::Stopped(Some(15)));
+        let r = ExitReport {
+            signal: Some(15),
+            ..ExitReport::new(ExitKind::Signal, EXIT_OK)
+        };
         r.write(&p).unwrap();
         let text = std::fs::read_to_string(&p).unwrap();
         assert!(text.contains("\"reason\":\"signal\""), "{text}");

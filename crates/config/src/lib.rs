@@ -1,8 +1,12 @@
 //! `VmConfig`: the one description of a VM, built by the CLI flags, read from `--config FILE`
-//! and (later) sent through the API. It is validated in one place, [`VmConfig::validate`],
-//! before any KVM call.
+//! and sent through the API. It is validated in one place, [`VmConfig::validate`], before any
+//! KVM call. Plain data: this crate links no KVM, so the API types, the daemon and any client
+//! build on it anywhere. The VMM's [`exit_report`] (what a supervisor reads when a VMM ends)
+//! lives here too, for the same reason.
+#![deny(missing_docs)]
 
 mod devices;
+pub mod exit_report;
 mod schema;
 
 pub use devices::{BalloonConfig, DiskConfig, MacAddr, NetConfig, VsockConfig};
@@ -58,10 +62,15 @@ pub enum ConfigError {
     KernelAndFirmware,
     /// An initrd or command line without a kernel.
     #[error("--initrd and --cmdline need --kernel")]
-    BootArgsWithoutKernel,
+    BootArgsWithoutKernel {
+        /// `initrd` or `cmdline`, whichever was given.
+        field: &'static str,
+    },
     /// A file that cannot be opened.
     #[error("{what} {path}: {reason}")]
     File {
+        /// The field it is about (`kernel`, `disks[1].path`, `vsock.socket`).
+        field: String,
         /// Which option.
         what: &'static str,
         /// The path given.
@@ -97,6 +106,9 @@ pub enum ConfigError {
     /// A device option (`--disk`, `--net`, …) that does not parse or cannot work.
     #[error("invalid {flag} {value:?}: {reason}")]
     DeviceOption {
+        /// The field it is about (`nets[0].tap`, `vsock.cid`; the device list when it is not
+        /// known which entry).
+        field: String,
         /// The flag.
         flag: &'static str,
         /// The value given.
@@ -105,8 +117,13 @@ pub enum ConfigError {
         reason: String,
     },
     /// Two devices with the same id, TAP or image.
-    #[error("{0}")]
-    Duplicate(String),
+    #[error("{message}")]
+    Duplicate {
+        /// The second one's field (`disks[1].path`, `nets[1].id`).
+        field: String,
+        /// What is given twice.
+        message: String,
+    },
     /// More virtio devices than the machine has slots for.
     #[error("{count} virtio devices requested; at most {max} fit (rng, balloon, vsock, console, disks and NICs together)")]
     TooManyDevices {
@@ -123,6 +140,84 @@ pub enum ConfigError {
         /// What is wrong.
         reason: String,
     },
+}
+
+impl ConfigError {
+    /// A [`ConfigError::DeviceOption`] about `flag`'s device list as a whole (refine the field
+    /// with [`ConfigError::at`] where the entry is known).
+    pub fn device_option(flag: &'static str, value: String, reason: String) -> ConfigError {
+        ConfigError::DeviceOption {
+            field: flag_field(flag).to_string(),
+            flag,
+            value,
+            reason,
+        }
+    }
+
+    /// The same error about `field` instead (for the variants that carry one).
+    pub fn at(mut self, field: impl Into<String>) -> ConfigError {
+        match &mut self {
+            ConfigError::File { field: f, .. }
+            | ConfigError::DeviceOption { field: f, .. }
+            | ConfigError::Duplicate { field: f, .. } => *f = field.into(),
+            _ => {}
+        }
+        self
+    }
+
+    /// The field of the configuration this error is about, as a path into [`VmConfig`]
+    /// (`cpus`, `disks[1].path`, `vsock.cid`), or `None` when it is about the configuration as
+    /// a whole. The API prefixes it with `config.`; the CLI names the flag instead.
+    pub fn field(&self) -> Option<String> {
+        use ConfigError::*;
+        let f = match self {
+            NoCpus | TooManyCpus { .. } => "cpus",
+            Size(_) | MemoryTooSmall(_) | MemoryUnaligned(_) | MemoryTooLarge { .. } => "memory",
+            NothingToBoot | NotAKernel(_) => "kernel",
+            KernelAndFirmware | FirmwareSize { .. } => "firmware",
+            BootArgsWithoutKernel { field } => field,
+            CmdlineTooLong { .. } => "cmdline",
+            Serial(_) | SerialSocketExists(_) => "serial",
+            File { field, .. } | DeviceOption { field, .. } | Duplicate { field, .. } => field,
+            TooManyDevices { .. } | ConfigFile { .. } => "",
+        };
+        (!f.is_empty()).then(|| f.to_string())
+    }
+
+    /// What is wrong, phrased without the CLI's flags (the API's `reason`; the CLI prints the
+    /// whole error, flag included).
+    pub fn reason(&self) -> String {
+        use ConfigError::*;
+        match self {
+            NoCpus => "a VM needs at least one vCPU".into(),
+            TooManyCpus { requested, max } => {
+                format!("{requested} vCPUs: more than this host's KVM allows ({max})")
+            }
+            MemoryTooSmall(m) => format!("{m}: too small, a VM needs at least 2M"),
+            MemoryUnaligned(m) => format!("{m}: must be a multiple of 4 KiB"),
+            MemoryTooLarge { requested, host } => {
+                format!("{requested}: more than this host's RAM ({host})")
+            }
+            NothingToBoot => "nothing to boot: give a kernel (or a firmware image)".into(),
+            KernelAndFirmware => "a kernel and a firmware image exclude each other".into(),
+            BootArgsWithoutKernel { field } => format!("{field} needs a kernel"),
+            File { path, reason, .. } => format!("{}: {reason}", path.display()),
+            DeviceOption { reason, .. } => reason.clone(),
+            other => other.to_string(),
+        }
+    }
+}
+
+/// The configuration field behind a device flag.
+fn flag_field(flag: &str) -> &'static str {
+    match flag {
+        "--disk" => "disks",
+        "--net" => "nets",
+        "--vsock" => "vsock",
+        "--balloon" => "balloon",
+        "--console" => "console",
+        _ => "",
+    }
 }
 
 /// A size in bytes; parses `4096`, `512K`, `512M`, `2G`, `1T` (binary multiples).
@@ -394,7 +489,13 @@ impl VmConfig {
             (Some(_), Some(_)) => Err(ConfigError::KernelAndFirmware),
             (None, Some(fw)) => {
                 if self.initrd.is_some() || !self.cmdline.is_empty() {
-                    return Err(ConfigError::BootArgsWithoutKernel);
+                    return Err(ConfigError::BootArgsWithoutKernel {
+                        field: if self.initrd.is_some() {
+                            "initrd"
+                        } else {
+                            "cmdline"
+                        },
+                    });
                 }
                 let size = check_file("firmware", fw)?;
                 if size == 0 || !size.is_multiple_of(4096) || size > MAX_FIRMWARE_SIZE {
@@ -445,63 +546,72 @@ impl VmConfig {
         }
         let mut ids = std::collections::BTreeSet::new();
         let mut paths = std::collections::BTreeSet::new();
-        for d in &self.disks {
-            devices::check_disk(d)?;
+        let duplicate = |field: String, message: String| ConfigError::Duplicate { field, message };
+        for (i, d) in self.disks.iter().enumerate() {
+            devices::check_disk(i, d)?;
             let real = std::fs::canonicalize(&d.path).unwrap_or_else(|_| d.path.clone());
             if !paths.insert(real) {
-                return Err(ConfigError::Duplicate(format!(
-                    "disk {}: given twice (one image, one disk)",
-                    d.path.display()
-                )));
+                return Err(duplicate(
+                    format!("disks[{i}].path"),
+                    format!(
+                        "disk {}: given twice (one image, one disk)",
+                        d.path.display()
+                    ),
+                ));
             }
             if let Some(id) = &d.id {
                 if !ids.insert(id.clone()) {
-                    return Err(ConfigError::Duplicate(format!(
-                        "device id {id:?} used twice"
-                    )));
+                    return Err(duplicate(
+                        format!("disks[{i}].id"),
+                        format!("device id {id:?} used twice"),
+                    ));
                 }
             }
         }
         let mut taps = std::collections::BTreeSet::new();
-        for n in &self.nets {
-            devices::check_tap(n)?;
+        for (i, n) in self.nets.iter().enumerate() {
+            devices::check_tap(i, n)?;
             if !taps.insert(n.tap.clone()) {
-                return Err(ConfigError::Duplicate(format!(
-                    "TAP {}: given twice (one TAP, one NIC)",
-                    n.tap
-                )));
+                return Err(duplicate(
+                    format!("nets[{i}].tap"),
+                    format!("TAP {}: given twice (one TAP, one NIC)", n.tap),
+                ));
             }
             if let Some(id) = &n.id {
                 if !ids.insert(id.clone()) {
-                    return Err(ConfigError::Duplicate(format!(
-                        "device id {id:?} used twice"
-                    )));
+                    return Err(duplicate(
+                        format!("nets[{i}].id"),
+                        format!("device id {id:?} used twice"),
+                    ));
                 }
             }
         }
         if let Some(v) = &self.vsock {
             if v.cid < 3 || v.cid >= u64::from(u32::MAX) {
                 return Err(ConfigError::DeviceOption {
+                    field: "vsock.cid".into(),
                     flag: "--vsock",
                     value: format!("cid={}", v.cid),
                     reason: "a guest CID is at least 3 (0-2 are reserved) and below 4294967295"
                         .into(),
                 });
             }
-            devices::check_new_socket("vsock socket", &v.socket)?;
+            devices::check_new_socket("vsock socket", "vsock.socket", &v.socket)?;
         }
         if let Some(b) = &self.balloon {
             if b.size.0 >= self.memory.0 {
-                return Err(ConfigError::DeviceOption {
-                    flag: "--balloon",
-                    value: format!("size={}", b.size),
-                    reason: format!("must be smaller than the guest's memory ({})", self.memory),
-                });
+                return Err(ConfigError::device_option(
+                    "--balloon",
+                    format!("size={}", b.size),
+                    format!("must be smaller than the guest's memory ({})", self.memory),
+                )
+                .at("balloon.size"));
             }
         }
         match &self.console {
             Some(SerialConfig::Stdio) => {
                 return Err(ConfigError::DeviceOption {
+                    field: "console".into(),
                     flag: "--console",
                     value: "stdio".into(),
                     reason:
@@ -509,7 +619,9 @@ impl VmConfig {
                             .into(),
                 })
             }
-            Some(SerialConfig::Socket(p)) => devices::check_new_socket("console socket", p)?,
+            Some(SerialConfig::Socket(p)) => {
+                devices::check_new_socket("console socket", "console", p)?
+            }
             _ => {}
         }
         Ok(())
@@ -522,6 +634,7 @@ pub const MAX_VIRTIO_DEVICES: usize = 8;
 /// Opens `path` for reading (so permission problems show now) and returns its size.
 fn check_file(what: &'static str, path: &Path) -> Result<u64, ConfigError> {
     let err = |reason: String| ConfigError::File {
+        field: what.to_string(),
         what,
         path: path.to_path_buf(),
         reason,
@@ -547,6 +660,7 @@ pub fn kernel_format(path: &Path) -> Result<KernelFormat, ConfigError> {
     use std::io::Read;
     let mut head = [0u8; 0x210];
     let mut f = std::fs::File::open(path).map_err(|e| ConfigError::File {
+        field: "kernel".into(),
         what: "kernel",
         path: path.to_path_buf(),
         reason: io_reason(&e),
@@ -558,6 +672,7 @@ pub fn kernel_format(path: &Path) -> Result<KernelFormat, ConfigError> {
             Ok(k) => n += k,
             Err(e) => {
                 return Err(ConfigError::File {
+                    field: "kernel".into(),
                     what: "kernel",
                     path: path.to_path_buf(),
                     reason: e.to_string(),
@@ -590,6 +705,90 @@ mod tests {
         max_vcpus: 16,
         host_memory: 8 << 30,
     };
+
+    #[test]
+    fn errors_name_their_field() {
+        let dir = std::env::temp_dir().join(format!("fv-cfg-field-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let kernel = dir.join("k");
+        std::fs::write(
+            &kernel,
+            b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0\x02\0\x3e\0",
+        )
+        .unwrap();
+        let disk = dir.join("d.img");
+        std::fs::write(&disk, [0u8; 512]).unwrap();
+        let base = VmConfig {
+            kernel: Some(kernel.clone()),
+            ..VmConfig::default()
+        };
+        let field = |cfg: &VmConfig| cfg.validate(&HOST).unwrap_err().field();
+        let two_disks = |second: &Path, id: Option<&str>| VmConfig {
+            disks: vec![
+                DiskConfig::from_str(disk.to_str().unwrap()).unwrap(),
+                DiskConfig {
+                    path: second.to_path_buf(),
+                    id: id.map(str::to_string),
+                    ..DiskConfig::from_str("x").unwrap()
+                },
+            ],
+            ..base.clone()
+        };
+        assert_eq!(
+            field(&two_disks(&dir.join("missing"), None)).as_deref(),
+            Some("disks[1].path")
+        );
+        assert_eq!(
+            field(&two_disks(&disk, None)).as_deref(),
+            Some("disks[1].path"),
+            "the same image twice"
+        );
+        let long_id = "x".repeat(21);
+        let mut cfg = two_disks(&dir.join("e.img"), Some(&long_id));
+        std::fs::write(dir.join("e.img"), [0u8; 512]).unwrap();
+        cfg.disks.swap(0, 1);
+        assert_eq!(field(&cfg).as_deref(), Some("disks[0].id"));
+        let cfg = VmConfig {
+            cpus: 0,
+            ..base.clone()
+        };
+        let e = cfg.validate(&HOST).unwrap_err();
+        assert_eq!(e.field().as_deref(), Some("cpus"));
+        assert_eq!(e.reason(), "a VM needs at least one vCPU");
+        assert!(e.to_string().starts_with("--cpus 0"), "{e}");
+        let cfg = VmConfig {
+            nets: vec![
+                NetConfig::from_str("tap=fv0").unwrap(),
+                NetConfig::from_str("tap=fv0").unwrap(),
+            ],
+            ..base.clone()
+        };
+        assert_eq!(field(&cfg).as_deref(), Some("nets[1].tap"));
+        let cfg = VmConfig {
+            nets: vec![NetConfig::from_str("tap=a/b").unwrap()],
+            ..base.clone()
+        };
+        assert_eq!(field(&cfg).as_deref(), Some("nets[0].tap"));
+        let cfg = VmConfig {
+            vsock: Some(VsockConfig::from_str("cid=2,socket=/tmp/x").unwrap()),
+            ..base.clone()
+        };
+        assert_eq!(field(&cfg).as_deref(), Some("vsock.cid"));
+        let cfg = VmConfig {
+            initrd: Some(kernel.clone()),
+            kernel: None,
+            firmware: Some(disk.clone()),
+            ..VmConfig::default()
+        };
+        assert_eq!(field(&cfg).as_deref(), Some("initrd"));
+        let cfg = VmConfig {
+            rng: true,
+            balloon: Some(BalloonConfig::from_str("size=8G").unwrap()),
+            ..base.clone()
+        };
+        assert_eq!(field(&cfg).as_deref(), Some("balloon.size"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     fn tmpfile(name: &str, bytes: &[u8]) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("fv-config-test-{}", std::process::id()));
