@@ -319,7 +319,7 @@ mod tests {
         );
         for bad in [
             r#"{"cmd":"reboot"}"#,
-            r#"{"cmd":"status","x":1}"#,
+            r#"{"cmd":"balloon","size":"lots"}"#,
             r#"{"cmd":"balloon"}"#,
             r#"{}"#,
         ] {

@@ -25,6 +25,13 @@ use std::sync::mpsc::channel;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+impl Vm {
+    /// Builds a VM to boot `config`'s kernel or firmware: [`build_for_boot`].
+    pub fn build(config: &VmConfig, kvm_path: &Path, started: Instant) -> Result<Vm, VmError> {
+        build_for_boot(config, kvm_path, started)
+    }
+}
+
 fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm(KvmError::Ioctl { op, source })
 }

@@ -1,7 +1,7 @@
-//! One VM: built from a validated [`VmConfig`], run until the guest or the host ends it.
+//! One VM: built from a validated [`config::VmConfig`], run until the guest or the host ends it.
 //!
-//! States: Created (built, nothing running) → Running ⇄ Paused → Stopped. [`Vm::build`] (the
-//! [`builder`]) gives a Created VM; [`Vm::run`] runs it to Stopped and returns why it stopped.
+//! States: Created (built, nothing running) → Running ⇄ Paused → Stopped. [`Vm::build`] (in
+//! [`crate::builder`]) gives a Created VM; [`Vm::run`] runs it to Stopped and returns why it stopped.
 //!
 //! While it runs, one loop on the thread that called [`Vm::run`] receives every [`VmEvent`]:
 //! device requests (power-off, reset, panic), vCPU faults, signals, and every
@@ -9,7 +9,6 @@
 //! carries out in one place ([`Running::command`]) and answers.
 
 use crate::boot::{self, acpi};
-use crate::builder;
 use crate::console::{Console, ConsoleError};
 use crate::cpu::regs::RegsError;
 use crate::cpu::{self, ExitCounts, RunControl, Vcpu, VcpuStats};
@@ -22,7 +21,7 @@ use api::control::{
     VmStatus, VmmStats,
 };
 use config::exit_report::{ExitKind, ExitReport};
-use config::{ByteSize, ConfigError, HostLimits, VmConfig, MAX_VCPUS_GUEST};
+use config::{ByteSize, ConfigError, HostLimits, MAX_VCPUS_GUEST};
 use devices::legacy::{GedHandle, Serial};
 use devices::VmRequest;
 use kvm_ioctls::{Kvm, VmFd};
@@ -192,11 +191,6 @@ pub fn base_cmdline(kernel_console: bool) -> &'static str {
 }
 
 impl Vm {
-    /// Builds a VM to boot `config`'s kernel or firmware: [`builder::build_for_boot`].
-    pub fn build(config: &VmConfig, kvm_path: &Path, started: Instant) -> Result<Vm, VmError> {
-        builder::build_for_boot(config, kvm_path, started)
-    }
-
     /// Serves a control socket at `path` while the VM runs (see [`crate::control`]).
     pub fn set_control_socket(&mut self, path: &Path) {
         self.control_path = Some(path.to_path_buf());
