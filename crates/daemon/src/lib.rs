@@ -12,6 +12,7 @@ pub mod manager;
 pub mod server;
 pub mod store;
 pub mod supervisor;
+mod sync;
 
 pub use error::StoreError;
 pub use store::{

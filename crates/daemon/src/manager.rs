@@ -25,13 +25,14 @@ use crate::store::{now_millis, DesiredState, Store, VmRecord, VmState};
 use crate::supervisor::{
     is_crash, restart_decision, ExitKind, ExitNotice, ExitReport, ExitStatusKind, Supervisor,
 };
+use crate::sync::lock;
 use serde_json::{json, Value};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::OwnedMutexGuard;
 
@@ -105,10 +106,6 @@ struct Inner {
 
 /// Restarts due, earliest first: (when, VM id).
 type RestartQueue = BinaryHeap<Reverse<(Instant, String)>>;
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
 
 fn conflict(rec: &VmRecord, action: &'static str) -> OpError {
     OpError::Store(StoreError::Conflict {

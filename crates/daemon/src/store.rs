@@ -87,6 +87,7 @@
 //! Anything else is a [`StoreError::Conflict`].
 
 use crate::error::StoreError;
+use crate::sync::lock;
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, TransactionBehavior};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -96,7 +97,7 @@ use std::io::Read;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use vmm::VmConfig;
 
@@ -688,7 +689,7 @@ impl Store {
     fn conn(&self) -> MutexGuard<'_, Connection> {
         // A panic inside an operation rolled its transaction back when it unwound, so the
         // connection is still sound.
-        self.conn.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.conn)
     }
 
     /// Runs `f` in one write transaction (`BEGIN IMMEDIATE`): committed if it returns `Ok`,

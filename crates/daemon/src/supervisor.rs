@@ -11,6 +11,7 @@
 //! Dropping the supervisor stops watching; it never stops a VMM.
 
 use crate::launcher::{proc_start_time, proc_state};
+use crate::sync::lock;
 use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
@@ -353,10 +354,6 @@ impl Drop for Supervisor {
             let _ = t.join();
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Shared {
