@@ -443,21 +443,6 @@ pub fn validate_name(name: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// The start time of process `pid` (`/proc/PID/stat` field 22, in clock ticks since boot), or
-/// `None` when there is no such process. Together with the pid it identifies one process: a
-/// pid re-used by a later process has a later start time.
-pub fn proc_start_time(pid: u32) -> Option<u64> {
-    if pid == 0 {
-        return None;
-    }
-    crate::launcher::proc_start_time(pid).ok()
-}
-
-/// Whether `pid` is still the process that had `start_time` (see [`proc_start_time`]).
-pub fn process_matches(pid: u32, start_time: u64) -> bool {
-    proc_start_time(pid) == Some(start_time)
-}
-
 /// The state store. `Send + Sync`: share it (`Arc<Store>`) between threads; operations are
 /// serialised on one connection. The HTTP layer calls it from `spawn_blocking`.
 pub struct Store {
@@ -815,8 +800,8 @@ impl Store {
 
     /// The VMs whose VMM should still be running (state `running`, `paused` or `stopping`,
     /// with a pid): what a restarted daemon re-adopts after checking each pid with
-    /// [`process_matches`]. `stopping` is included because a daemon killed in the middle of a
-    /// stop leaves that VMM alive.
+    /// [`process_matches`](crate::process::process_matches). `stopping` is included because a
+    /// daemon killed in the middle of a stop leaves that VMM alive.
     pub fn running_vmms(&self) -> Result<Vec<VmRecord>, StoreError> {
         self.select_vms(
             "WHERE state IN ('running', 'paused', 'stopping') AND pid IS NOT NULL ORDER BY seq",
@@ -889,9 +874,9 @@ impl Store {
     }
 
     /// Records that the VM's VMM runs: its pid and that pid's start time
-    /// ([`proc_start_time`]), its control and console sockets. Allowed from `starting` (and
-    /// from `created`, `stopped`, `crashed`, `exited`); logs `started`. Clears a scheduled
-    /// restart.
+    /// ([`proc_start_time`](crate::process::proc_start_time)), its control and console
+    /// sockets. Allowed from `starting` (and from `created`, `stopped`, `crashed`, `exited`);
+    /// logs `started`. Clears a scheduled restart.
     pub fn set_running(
         &self,
         vm: &str,
@@ -1272,16 +1257,5 @@ mod tests {
         assert!(!OnFailure.wants_restart(VmState::Exited));
         assert!(Always.wants_restart(VmState::Exited));
         assert!(!Always.wants_restart(VmState::Stopped));
-    }
-
-    #[test]
-    fn start_time_of_self_and_of_nothing() {
-        let me = std::process::id();
-        let t = proc_start_time(me);
-        assert!(t.is_some());
-        assert!(process_matches(me, t.unwrap_or(0)));
-        assert_eq!(proc_start_time(0), None);
-        // Above the kernel's pid_max limit (2^22).
-        assert_eq!(proc_start_time(u32::MAX), None);
     }
 }
