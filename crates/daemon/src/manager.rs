@@ -22,11 +22,12 @@ use crate::console_hub::{Attachment, ConsoleHub};
 use crate::error::StoreError;
 use crate::launcher::{self, control_answers, LaunchError, LaunchSpec, VmPaths};
 use crate::process::{self, proc_rss, process_matches, vcpu_cpu_times};
-use crate::store::{now_millis, DesiredState, Store, VmRecord, VmState};
+use crate::store::{now_millis, Store, VmRecord};
 use crate::supervisor::{
     is_crash, restart_decision, ExitKind, ExitNotice, ExitReport, ExitStatusKind, Supervisor,
 };
 use crate::sync::lock;
+use api::{DesiredState, VmState};
 use serde_json::{json, Value};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
@@ -830,7 +831,7 @@ pub fn stats_from(rec: &VmRecord, pid: u32, answer: &Value) -> api::VmStats {
     api::VmStats {
         id: rec.id.to_string(),
         name: rec.name.clone(),
-        state: crate::api::api_state(rec.runtime.state),
+        state: rec.runtime.state,
         pid,
         uptime_ms: answer.get("uptime_ms").and_then(Value::as_u64).unwrap_or(0),
         rss_bytes: answer

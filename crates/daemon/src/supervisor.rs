@@ -461,7 +461,7 @@ pub fn check_adoptable(pid: u32, start_time: u64, control_socket: &Path) -> Resu
     Ok(())
 }
 
-pub use crate::store::RestartPolicy;
+pub use api::RestartPolicy;
 
 /// The first back-off delay.
 pub const BACKOFF_START: Duration = Duration::from_secs(1);

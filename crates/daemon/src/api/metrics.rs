@@ -2,8 +2,7 @@
 
 use super::failure::Failure;
 use super::AppState;
-use crate::store::VmState;
-use api::ApiError;
+use api::{ApiError, VmState};
 use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;

@@ -39,7 +39,6 @@ mod vms;
 
 pub use failure::Failure;
 pub use socket::bind_socket;
-pub(crate) use vms::api_state;
 
 use crate::error::StoreError;
 use crate::manager::{Manager, OpError};
