@@ -199,7 +199,7 @@ fn log_tail(path: &Path, from: u64) -> String {
 /// `spec.ready_timeout` (it is then killed), the error quotes the end of its log.
 ///
 /// The returned process is a child of the caller and is not reaped here: hand it to
-/// [`crate::supervisor::Supervisor::watch`] with `own_child = true`.
+/// the supervisor (`Supervisor::watch` with `own_child = true`).
 pub fn launch(spec: &LaunchSpec) -> Result<Launched, LaunchError> {
     let paths = VmPaths::new(&spec.vm_dir);
     std::fs::create_dir_all(&paths.dir).map_err(prep(&paths.dir))?;

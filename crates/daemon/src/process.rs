@@ -1,7 +1,7 @@
 //! Processes as the kernel shows them: what `/proc/PID/...` says about a pid (its start time,
 //! state, program, resident memory, per-thread CPU time), pidfds, and reaping. Every system call
-//! the daemon makes on a process (but the `setsid` of a freshly forked VMM, see
-//! [`crate::launcher::launch`]) is here, behind a safe function.
+//! the daemon makes on a process is here, behind a safe function, but the ones the launcher's
+//! `pre_exec` makes in the forked VMM before it execs (`setsid`, joining its cgroup).
 //!
 //! A pid alone does not name a process for long: once it has ended and been reaped, the kernel
 //! may give the pid to a later one. The daemon identifies a VMM by its pid *and* its start time

@@ -2,7 +2,7 @@
 
 use super::failure::Failure;
 use super::input::{query_int, query_pairs};
-use super::AppState;
+use super::state::AppState;
 use crate::store;
 use api::{ApiError, Event};
 use axum::extract::{RawQuery, State};

@@ -1,7 +1,7 @@
 //! `GET /metrics`: the daemon's gauges and counters in the Prometheus text format (0.0.4).
 
 use super::failure::Failure;
-use super::AppState;
+use super::state::AppState;
 use api::{ApiError, VmState};
 use axum::extract::State;
 use axum::http::header;

@@ -2,7 +2,7 @@
 
 use super::failure::Failure;
 use super::input::{json_body, query_bool, query_pairs, VmParam};
-use super::AppState;
+use super::state::AppState;
 use crate::store::{now_millis, validate_name, VmRecord};
 use api::{ApiError, CreateVm, DesiredState, VmInfo, VmState};
 use axum::body::Bytes;
