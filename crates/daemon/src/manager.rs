@@ -506,8 +506,8 @@ impl Manager {
         ) {
             Ok(r) => r,
             Err(e) => {
-                // Not recorded means not supervised: it must not run (it is our unreaped
-                // child: the pid is still its).
+                // Not recorded means not supervised: it must not run. (Our unreaped child:
+                // its pid cannot have been reused.)
                 let _ = process::kill(l.pid, libc::SIGKILL);
                 let _ = self.inner.supervisor.watch(
                     id.to_string(),
