@@ -1,6 +1,7 @@
-//! The daemon's HTTP/JSON API on its Unix socket: axum routes over the [`Store`], with the
-//! OpenAPI document generated from the same handlers (`utoipa`; every route is registered
-//! through `utoipa_axum::routes!`, so a route without its documentation does not compile).
+//! The daemon's HTTP/JSON API on its Unix socket: axum routes over the
+//! [`Store`](crate::store::Store), with the OpenAPI document generated from the same handlers
+//! (`utoipa`; every route is registered through `utoipa_axum::routes!`, so a route without its
+//! documentation does not compile).
 //!
 //! # Routes
 //!
