@@ -5,7 +5,8 @@
 
 mod common;
 
-use ::daemon::launcher::{launch, proc_start_time, proc_state, LaunchError, LaunchSpec, Launched};
+use ::daemon::launcher::{launch, LaunchError, LaunchSpec, Launched};
+use ::daemon::process::{proc_start_time, proc_state};
 use ::daemon::supervisor::{
     check_adoptable, restart_decision, AdoptError, ExitKind, ExitNotice, ExitStatusKind,
     RestartPolicy, Supervisor,

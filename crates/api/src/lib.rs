@@ -91,6 +91,122 @@ pub enum EventKind {
     Adopted,
 }
 
+/// `ALL`, `as_str`, `Display` and `FromStr` of a state enum, from its spellings: the same words
+/// as its JSON (a test checks they agree), and what the daemon's store keeps.
+macro_rules! spelled {
+    ($name:ident { $($var:ident = $s:literal),+ $(,)? }) => {
+        impl $name {
+            /// Every value, in declaration order.
+            pub const ALL: &'static [$name] = &[$($name::$var),+];
+
+            /// Its spelling, as in JSON.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$var => $s),+
+                }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = UnknownValue;
+            fn from_str(s: &str) -> Result<Self, UnknownValue> {
+                match s {
+                    $($s => Ok($name::$var),)+
+                    _ => Err(UnknownValue {
+                        value: s.to_string(),
+                        expected: &[$($s),+],
+                    }),
+                }
+            }
+        }
+    };
+}
+
+spelled!(RestartPolicy {
+    Never = "never",
+    OnFailure = "on-failure",
+    Always = "always",
+});
+
+spelled!(DesiredState {
+    Running = "running",
+    Stopped = "stopped",
+});
+
+spelled!(VmState {
+    Created = "created",
+    Starting = "starting",
+    Running = "running",
+    Paused = "paused",
+    Stopping = "stopping",
+    Stopped = "stopped",
+    Crashed = "crashed",
+    Exited = "exited",
+});
+
+spelled!(EventKind {
+    Created = "created",
+    Started = "started",
+    Paused = "paused",
+    Resumed = "resumed",
+    Stopped = "stopped",
+    Crashed = "crashed",
+    Exited = "exited",
+    Restarted = "restarted",
+    Deleted = "deleted",
+    Adopted = "adopted",
+});
+
+/// A word that is none of a state enum's spellings (the error of its `FromStr`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnknownValue {
+    /// The word.
+    pub value: String,
+    /// The spellings it could have been.
+    pub expected: &'static [&'static str],
+}
+
+impl std::fmt::Display for UnknownValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:?}: expected one of {}",
+            self.value,
+            self.expected.join(", ")
+        )
+    }
+}
+
+impl std::error::Error for UnknownValue {}
+
+impl VmState {
+    /// Whether a VMM process may exist in this state (`starting`, `running`, `paused`,
+    /// `stopping`).
+    pub fn is_live(self) -> bool {
+        matches!(
+            self,
+            VmState::Starting | VmState::Running | VmState::Paused | VmState::Stopping
+        )
+    }
+}
+
+impl RestartPolicy {
+    /// Whether this policy restarts a VM that ended in `state` (`crashed` or `exited`).
+    pub fn wants_restart(self, state: VmState) -> bool {
+        match self {
+            RestartPolicy::Never => false,
+            RestartPolicy::OnFailure => state == VmState::Crashed,
+            RestartPolicy::Always => matches!(state, VmState::Crashed | VmState::Exited),
+        }
+    }
+}
+
 /// `POST /v1/vms`: define a VM. Unknown fields are refused.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -392,6 +508,49 @@ mod tests {
         assert!(e.to_string().contains("unknown field `x`"), "{e}");
         let p: RestartPolicy = serde_json::from_str(r#""on-failure""#).expect("parses");
         assert_eq!(p, RestartPolicy::OnFailure);
+    }
+
+    #[test]
+    fn spellings_are_the_json_names() {
+        fn check<T>(all: &[T])
+        where
+            T: Copy
+                + Serialize
+                + std::fmt::Display
+                + std::str::FromStr
+                + PartialEq
+                + std::fmt::Debug,
+        {
+            for v in all {
+                let word = v.to_string();
+                assert_eq!(
+                    serde_json::to_value(v).ok(),
+                    Some(Value::String(word.clone()))
+                );
+                assert_eq!(word.parse::<T>().ok(), Some(*v));
+            }
+        }
+        check(RestartPolicy::ALL);
+        check(DesiredState::ALL);
+        check(VmState::ALL);
+        check(EventKind::ALL);
+        let e = "sometimes"
+            .parse::<RestartPolicy>()
+            .expect_err("not a policy");
+        assert_eq!(
+            e.to_string(),
+            r#""sometimes": expected one of never, on-failure, always"#
+        );
+    }
+
+    #[test]
+    fn restart_policies() {
+        use RestartPolicy::*;
+        assert!(!Never.wants_restart(VmState::Crashed));
+        assert!(OnFailure.wants_restart(VmState::Crashed));
+        assert!(!OnFailure.wants_restart(VmState::Exited));
+        assert!(Always.wants_restart(VmState::Exited));
+        assert!(!Always.wants_restart(VmState::Stopped));
     }
 
     #[test]

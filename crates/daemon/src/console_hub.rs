@@ -8,11 +8,12 @@
 //! the login prompt), fans output out to every attached client (a slow one loses output, never
 //! stalls the guest) and forwards their input.
 
+use crate::sync::lock;
 use std::collections::VecDeque;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{broadcast, mpsc};
@@ -97,13 +98,7 @@ impl ConsoleHub {
             // Already ended: a receiver that is closed at once.
             None => broadcast::channel(1).1,
         };
-        let history = self
-            .history
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .copied()
-            .collect();
+        let history = lock(&self.history).iter().copied().collect();
         Attachment {
             history,
             output,
@@ -183,7 +178,7 @@ async fn pump(
                         }
                     }
                     {
-                        let mut h = history.lock().unwrap_or_else(PoisonError::into_inner);
+                        let mut h = lock(&history);
                         h.extend(chunk.iter().copied());
                         let excess = h.len().saturating_sub(HISTORY);
                         h.drain(..excess);

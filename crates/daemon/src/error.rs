@@ -1,6 +1,6 @@
 //! The daemon's error type.
 
-use crate::store::VmState;
+use api::VmState;
 use std::path::PathBuf;
 
 /// Everything a [`Store`](crate::store::Store) operation can fail with. The first four are the

@@ -13,6 +13,7 @@
 //! One directory serves one VMM at a time: [`launch`] refuses a directory whose control socket
 //! still answers.
 
+use crate::process::proc_start_time;
 use api::control::VmCommand;
 use config::VmConfig;
 use std::fs::OpenOptions;
@@ -199,7 +200,7 @@ fn log_tail(path: &Path, from: u64) -> String {
 /// `spec.ready_timeout` (it is then killed), the error quotes the end of its log.
 ///
 /// The returned process is a child of the caller and is not reaped here: hand it to
-/// [`crate::supervisor::Supervisor::watch`] with `own_child = true`.
+/// the supervisor (`Supervisor::watch` with `own_child = true`).
 pub fn launch(spec: &LaunchSpec) -> Result<Launched, LaunchError> {
     let paths = VmPaths::new(&spec.vm_dir);
     std::fs::create_dir_all(&paths.dir).map_err(prep(&paths.dir))?;
@@ -325,59 +326,9 @@ pub fn launch(spec: &LaunchSpec) -> Result<Launched, LaunchError> {
     }
 }
 
-/// Errors reading `/proc/PID/stat`.
-fn bad_stat(pid: u32, what: &str) -> std::io::Error {
-    std::io::Error::new(
-        std::io::ErrorKind::InvalidData,
-        format!("/proc/{pid}/stat: {what}"),
-    )
-}
-
-/// Fields of `/proc/PID/stat` after the command name: index 0 is field 3 (state).
-fn stat_fields(pid: u32) -> std::io::Result<Vec<String>> {
-    let path = format!("/proc/{pid}/stat");
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| std::io::Error::new(e.kind(), format!("{path}: {e}")))?;
-    // The command name (field 2) is in parentheses and may itself hold ')' or spaces.
-    let close = text
-        .rfind(')')
-        .ok_or_else(|| bad_stat(pid, "no command name"))?;
-    Ok(text[close + 1..]
-        .split_whitespace()
-        .map(str::to_string)
-        .collect())
-}
-
-/// The start time of process `pid`: field 22 of `/proc/PID/stat`, in clock ticks after boot.
-pub fn proc_start_time(pid: u32) -> std::io::Result<u64> {
-    let fields = stat_fields(pid)?;
-    fields
-        .get(22 - 3)
-        .ok_or_else(|| bad_stat(pid, "too few fields"))?
-        .parse()
-        .map_err(|_| bad_stat(pid, "field 22 is not a number"))
-}
-
-/// The state letter of process `pid` (field 3 of `/proc/PID/stat`: `R`, `S`, `Z` ...).
-pub fn proc_state(pid: u32) -> std::io::Result<char> {
-    stat_fields(pid)?
-        .first()
-        .and_then(|s| s.chars().next())
-        .ok_or_else(|| bad_stat(pid, "no state"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn own_start_time_and_state() {
-        let me = std::process::id();
-        let t = proc_start_time(me).unwrap();
-        assert_eq!(proc_start_time(me).unwrap(), t);
-        assert_ne!(proc_state(me).unwrap(), 'Z');
-        assert!(proc_start_time(u32::MAX).is_err());
-    }
 
     fn scratch(name: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("fv-launcher-{name}-{}", std::process::id()));

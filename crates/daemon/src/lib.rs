@@ -9,12 +9,16 @@ pub mod console_hub;
 pub mod error;
 pub mod launcher;
 pub mod manager;
+pub mod process;
 pub mod server;
 pub mod store;
 pub mod supervisor;
+mod sync;
 
+pub use ::api::{DesiredState, EventKind, RestartPolicy, VmState};
 pub use error::StoreError;
+pub use process::{proc_start_time, process_matches};
 pub use store::{
-    now_millis, proc_start_time, process_matches, validate_name, DesiredState, Event, EventId,
-    EventKind, RestartPolicy, Runtime, Store, UnixMillis, VmId, VmRecord, VmState, SCHEMA_VERSION,
+    now_millis, validate_name, Event, EventId, Runtime, Store, UnixMillis, VmId, VmRecord,
+    SCHEMA_VERSION,
 };

@@ -21,17 +21,19 @@ use crate::cgroup::{check_without_cgroups, CgroupRoot, LimitError, Unavailable};
 use crate::console_hub::{Attachment, ConsoleHub};
 use crate::error::StoreError;
 use crate::launcher::{self, control_answers, LaunchError, LaunchSpec, VmPaths};
-use crate::store::{now_millis, DesiredState, Store, VmRecord, VmState};
+use crate::process::{self, proc_rss, process_matches, vcpu_cpu_times};
+use crate::store::{now_millis, Store, VmRecord};
 use crate::supervisor::{
     is_crash, restart_decision, ExitKind, ExitNotice, ExitReport, ExitStatusKind, Supervisor,
 };
+use crate::sync::lock;
 use api::control::{VmCommand, VmResponse, VmmStats};
+use api::{DesiredState, VmState};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
-use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::OwnedMutexGuard;
 
@@ -105,10 +107,6 @@ struct Inner {
 
 /// Restarts due, earliest first: (when, VM id).
 type RestartQueue = BinaryHeap<Reverse<(Instant, String)>>;
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
 
 fn conflict(rec: &VmRecord, action: &'static str) -> OpError {
     OpError::Store(StoreError::Conflict {
@@ -470,11 +468,7 @@ impl Manager {
                 // The guest ran and ended before the control socket was even polled (a
                 // power-off at once, a panic): a start followed by an exit, not a failure.
                 let report = ExitReport::read(&paths.exit_report).ok().flatten();
-                let status = match (status.code(), status.signal()) {
-                    (Some(c), _) => ExitStatusKind::Exited(c),
-                    (None, Some(s)) => ExitStatusKind::Signaled(s),
-                    _ => ExitStatusKind::Unknown,
-                };
+                let status = ExitStatusKind::from(status);
                 store.set_running(id, pid, start_time, &paths.control, None)?;
                 let notice = ExitNotice {
                     vm_id: id.to_string(),
@@ -512,9 +506,9 @@ impl Manager {
         ) {
             Ok(r) => r,
             Err(e) => {
-                // Not recorded means not supervised: it must not run.
-                // SAFETY: kill has no memory effects; the pid is our unreaped child.
-                unsafe { libc::kill(l.pid as libc::pid_t, libc::SIGKILL) };
+                // Not recorded means not supervised: it must not run. (Our unreaped child:
+                // its pid cannot have been reused.)
+                let _ = process::kill(l.pid, libc::SIGKILL);
                 let _ = self.inner.supervisor.watch(
                     id.to_string(),
                     l.pid,
@@ -534,8 +528,7 @@ impl Manager {
         ) {
             // Unwatched VMMs must not exist: end it (it is our child; it will be reaped by
             // the next watch or at daemon exit).
-            // SAFETY: kill has no memory effects; the pid is our unreaped child.
-            unsafe { libc::kill(l.pid as libc::pid_t, libc::SIGKILL) };
+            let _ = process::kill(l.pid, libc::SIGKILL);
             store.set_exited(id, &format!("could not be watched: {e}"), None, true)?;
             self.changed();
             return Err(OpError::Internal(e.to_string()));
@@ -570,10 +563,9 @@ impl Manager {
     /// Sends SIGKILL to the VMM of `rec` if it is still that process.
     fn kill_vmm(rec: &VmRecord) {
         if let (Some(pid), Some(start)) = (rec.runtime.pid, rec.runtime.pid_start_time) {
-            if launcher::proc_start_time(pid).ok() == Some(start) {
-                // SAFETY: kill has no memory effects; the pid is still the VMM (start time
-                // checked just now).
-                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            // The pid is still the VMM's if its start time is (checked just now).
+            if process_matches(pid, start) {
+                let _ = process::kill(pid, libc::SIGKILL);
             }
         }
     }
@@ -801,7 +793,7 @@ pub fn stats_from(rec: &VmRecord, pid: u32, answer: VmmStats) -> api::VmStats {
     api::VmStats {
         id: rec.id.to_string(),
         name: rec.name.clone(),
-        state: crate::api::api_state(rec.runtime.state),
+        state: rec.runtime.state,
         pid,
         uptime_ms: answer.uptime_ms,
         rss_bytes: answer.rss_bytes.or_else(|| proc_rss(pid)),
@@ -819,56 +811,6 @@ fn send(
     command: &VmCommand,
 ) -> Result<api::control::VmReply, api::control::ControlError> {
     api::control::send(path, command, api::control::DEFAULT_TIMEOUT)
-}
-
-/// Resident memory of process `pid` (`/proc/PID/statm`).
-pub fn proc_rss(pid: u32) -> Option<u64> {
-    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    // SAFETY: sysconf has no memory effects.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    Some(pages * u64::try_from(page).unwrap_or(4096))
-}
-
-/// CPU time (user + system, ms) of each vCPU thread (`fv-vcpu-N`) of VMM `pid`.
-pub fn vcpu_cpu_times(pid: u32) -> HashMap<u32, u64> {
-    let mut out = HashMap::new();
-    // SAFETY: sysconf has no memory effects.
-    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
-        .unwrap_or(100)
-        .max(1);
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return out;
-    };
-    for task in tasks.flatten() {
-        let dir = task.path();
-        let Ok(comm) = std::fs::read_to_string(dir.join("comm")) else {
-            continue;
-        };
-        let Some(n) = comm
-            .trim()
-            .strip_prefix("fv-vcpu-")
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(dir.join("stat")) else {
-            continue;
-        };
-        let Some(close) = stat.rfind(')') else {
-            continue;
-        };
-        // After the command name: field 3 is index 0; utime is field 14, stime 15.
-        let f: Vec<&str> = stat[close + 1..].split_whitespace().collect();
-        let (Some(u), Some(s)) = (
-            f.get(11).and_then(|v| v.parse::<u64>().ok()),
-            f.get(12).and_then(|v| v.parse::<u64>().ok()),
-        ) else {
-            continue;
-        };
-        out.insert(n, (u + s) * 1000 / hz);
-    }
-    out
 }
 
 /// Records one VMM exit and applies the restart policy. `context` is added to the reason.

@@ -87,6 +87,8 @@
 //! Anything else is a [`StoreError::Conflict`].
 
 use crate::error::StoreError;
+use crate::sync::lock;
+use api::{DesiredState, EventKind, RestartPolicy, VmState};
 use config::VmConfig;
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, TransactionBehavior};
 use serde::{Deserialize, Serialize};
@@ -97,7 +99,7 @@ use std::io::Read;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// The schema version this build writes and understands.
@@ -161,141 +163,37 @@ CREATE TABLE events (
 CREATE INDEX events_by_vm ON events (vm_id, id);
 ";
 
-macro_rules! str_enum {
-    ($(#[$m:meta])* $name:ident, $field:literal {
-        $($(#[$vm:meta])* $var:ident = $s:literal),+ $(,)?
-    }) => {
-        $(#[$m])*
-        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-        pub enum $name {
-            $($(#[$vm])* #[serde(rename = $s)] $var),+
-        }
-
-        impl $name {
-            /// Every value, in declaration order.
-            pub const ALL: &'static [$name] = &[$($name::$var),+];
-
-            /// The stored (and API) spelling.
-            pub fn as_str(self) -> &'static str {
-                match self {
-                    $($name::$var => $s),+
-                }
-            }
-        }
-
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(self.as_str())
-            }
-        }
-
-        impl FromStr for $name {
-            type Err = StoreError;
-            fn from_str(s: &str) -> Result<Self, StoreError> {
-                match s {
-                    $($s => Ok($name::$var),)+
-                    _ => Err(StoreError::Invalid {
-                        field: $field,
-                        reason: format!(
-                            "{s:?}: expected one of {}",
-                            [$($s),+].join(", ")
-                        ),
-                    }),
-                }
-            }
-        }
-    };
+/// The state enums (the api crate's, one set) as the store keeps them: each in its column,
+/// spelled as in the API ([`VmState::as_str`]); the schema's `CHECK` constraints list the
+/// spellings.
+trait Column: FromStr<Err = api::UnknownValue> {
+    /// Its column (the field a parse error names).
+    const COLUMN: &'static str;
 }
 
-str_enum! {
-    /// What the daemon does when a VM's VMM ends without being asked to.
-    RestartPolicy, "restart_policy" {
-        /// Leave it down.
-        Never = "never",
-        /// Restart it when it crashed (not when the guest powered off).
-        OnFailure = "on-failure",
-        /// Restart it whenever it ends.
-        Always = "always",
-    }
+impl Column for RestartPolicy {
+    const COLUMN: &'static str = "restart_policy";
 }
 
-str_enum! {
-    /// What the user wants a VM to be.
-    DesiredState, "desired_state" {
-        /// Running (started, and restarted according to its policy).
-        Running = "running",
-        /// Stopped.
-        Stopped = "stopped",
-    }
+impl Column for DesiredState {
+    const COLUMN: &'static str = "desired_state";
 }
 
-str_enum! {
-    /// Where a VM's VMM process is.
-    VmState, "state" {
-        /// Defined, never started.
-        Created = "created",
-        /// Its VMM is being spawned.
-        Starting = "starting",
-        /// Its VMM runs the guest.
-        Running = "running",
-        /// Its VMM runs, vCPUs parked.
-        Paused = "paused",
-        /// A stop was asked; the VMM has not ended yet.
-        Stopping = "stopping",
-        /// Ended because it was asked to.
-        Stopped = "stopped",
-        /// Ended abnormally (VMM died, guest panic, fault).
-        Crashed = "crashed",
-        /// Ended by itself without error (guest power-off).
-        Exited = "exited",
-    }
+impl Column for VmState {
+    const COLUMN: &'static str = "state";
 }
 
-str_enum! {
-    /// What an [`Event`] records.
-    EventKind, "kind" {
-        /// A VM was defined.
-        Created = "created",
-        /// Its VMM was started.
-        Started = "started",
-        /// It was paused.
-        Paused = "paused",
-        /// It was resumed.
-        Resumed = "resumed",
-        /// It stopped when asked to.
-        Stopped = "stopped",
-        /// It crashed.
-        Crashed = "crashed",
-        /// It ended by itself.
-        Exited = "exited",
-        /// A restart was scheduled (detail: `attempt`, `at`).
-        Restarted = "restarted",
-        /// It was deleted.
-        Deleted = "deleted",
-        /// A restarted daemon re-adopted its running VMM.
-        Adopted = "adopted",
-    }
+impl Column for EventKind {
+    const COLUMN: &'static str = "kind";
 }
 
-impl VmState {
-    /// Whether a VMM process may exist in this state.
-    pub fn is_live(self) -> bool {
-        matches!(
-            self,
-            VmState::Starting | VmState::Running | VmState::Paused | VmState::Stopping
-        )
-    }
-}
-
-impl RestartPolicy {
-    /// Whether this policy restarts a VM that ended in `state` (`Crashed` or `Exited`).
-    pub fn wants_restart(self, state: VmState) -> bool {
-        match self {
-            RestartPolicy::Never => false,
-            RestartPolicy::OnFailure => state == VmState::Crashed,
-            RestartPolicy::Always => matches!(state, VmState::Crashed | VmState::Exited),
-        }
-    }
+/// Parses the text of a state column.
+fn from_column<T: Column>(s: &str) -> Result<T, StoreError> {
+    s.parse()
+        .map_err(|e: api::UnknownValue| StoreError::Invalid {
+            field: T::COLUMN,
+            reason: e.to_string(),
+        })
 }
 
 /// A VM's id: 32 lowercase hex digits from the kernel's random source, fixed for life.
@@ -442,21 +340,6 @@ pub fn validate_name(name: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// The start time of process `pid` (`/proc/PID/stat` field 22, in clock ticks since boot), or
-/// `None` when there is no such process. Together with the pid it identifies one process: a
-/// pid re-used by a later process has a later start time.
-pub fn proc_start_time(pid: u32) -> Option<u64> {
-    if pid == 0 {
-        return None;
-    }
-    crate::launcher::proc_start_time(pid).ok()
-}
-
-/// Whether `pid` is still the process that had `start_time` (see [`proc_start_time`]).
-pub fn process_matches(pid: u32, start_time: u64) -> bool {
-    proc_start_time(pid) == Some(start_time)
-}
-
 /// The state store. `Send + Sync`: share it (`Arc<Store>`) between threads; operations are
 /// serialised on one connection. The HTTP layer calls it from `spawn_blocking`.
 pub struct Store {
@@ -537,18 +420,14 @@ impl RawVm {
             resources,
             name: self.name,
             config,
-            restart_policy: self
-                .restart_policy
-                .parse()
+            restart_policy: from_column(&self.restart_policy)
                 .map_err(|e| parse("restart_policy", e))?,
-            desired_state: self
-                .desired_state
-                .parse()
+            desired_state: from_column(&self.desired_state)
                 .map_err(|e| parse("desired_state", e))?,
             created_at: self.created_at,
             updated_at: self.updated_at,
             runtime: Runtime {
-                state: self.state.parse().map_err(|e| parse("state", e))?,
+                state: from_column(&self.state).map_err(|e| parse("state", e))?,
                 pid: self
                     .pid
                     .map(|p| u32::try_from(p).map_err(|_| int("pid", p)))
@@ -688,7 +567,7 @@ impl Store {
     fn conn(&self) -> MutexGuard<'_, Connection> {
         // A panic inside an operation rolled its transaction back when it unwound, so the
         // connection is still sound.
-        self.conn.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.conn)
     }
 
     /// Runs `f` in one write transaction (`BEGIN IMMEDIATE`): committed if it returns `Ok`,
@@ -814,8 +693,8 @@ impl Store {
 
     /// The VMs whose VMM should still be running (state `running`, `paused` or `stopping`,
     /// with a pid): what a restarted daemon re-adopts after checking each pid with
-    /// [`process_matches`]. `stopping` is included because a daemon killed in the middle of a
-    /// stop leaves that VMM alive.
+    /// [`process_matches`](crate::process::process_matches). `stopping` is included because a
+    /// daemon killed in the middle of a stop leaves that VMM alive.
     pub fn running_vmms(&self) -> Result<Vec<VmRecord>, StoreError> {
         self.select_vms(
             "WHERE state IN ('running', 'paused', 'stopping') AND pid IS NOT NULL ORDER BY seq",
@@ -888,9 +767,9 @@ impl Store {
     }
 
     /// Records that the VM's VMM runs: its pid and that pid's start time
-    /// ([`proc_start_time`]), its control and console sockets. Allowed from `starting` (and
-    /// from `created`, `stopped`, `crashed`, `exited`); logs `started`. Clears a scheduled
-    /// restart.
+    /// ([`proc_start_time`](crate::process::proc_start_time)), its control and console
+    /// sockets. Allowed from `starting` (and from `created`, `stopped`, `crashed`, `exited`);
+    /// logs `started`. Clears a scheduled restart.
     pub fn set_running(
         &self,
         vm: &str,
@@ -1121,7 +1000,7 @@ impl Store {
                         id,
                         at,
                         vm_id: vm_id.map(VmId),
-                        kind: kind.parse().map_err(|e| corrupt(format!("kind: {e}")))?,
+                        kind: from_column(&kind).map_err(|e| corrupt(format!("kind: {e}")))?,
                         detail: serde_json::from_str(&detail)
                             .map_err(|e| corrupt(format!("detail: {e}")))?,
                     })
@@ -1222,14 +1101,14 @@ mod tests {
     #[test]
     fn enums_round_trip() {
         for p in RestartPolicy::ALL {
-            assert_eq!(p.as_str().parse::<RestartPolicy>().ok(), Some(*p));
+            assert_eq!(from_column::<RestartPolicy>(p.as_str()).ok(), Some(*p));
             assert_eq!(serde_json::to_value(p).ok(), Some(json!(p.as_str())));
         }
         for s in VmState::ALL {
-            assert_eq!(s.as_str().parse::<VmState>().ok(), Some(*s));
+            assert_eq!(from_column::<VmState>(s.as_str()).ok(), Some(*s));
         }
         assert!(matches!(
-            "sometimes".parse::<RestartPolicy>(),
+            from_column::<RestartPolicy>("sometimes"),
             Err(StoreError::Invalid {
                 field: "restart_policy",
                 ..
@@ -1261,26 +1140,5 @@ mod tests {
                 "{bad:?}"
             );
         }
-    }
-
-    #[test]
-    fn restart_policies() {
-        use RestartPolicy::*;
-        assert!(!Never.wants_restart(VmState::Crashed));
-        assert!(OnFailure.wants_restart(VmState::Crashed));
-        assert!(!OnFailure.wants_restart(VmState::Exited));
-        assert!(Always.wants_restart(VmState::Exited));
-        assert!(!Always.wants_restart(VmState::Stopped));
-    }
-
-    #[test]
-    fn start_time_of_self_and_of_nothing() {
-        let me = std::process::id();
-        let t = proc_start_time(me);
-        assert!(t.is_some());
-        assert!(process_matches(me, t.unwrap_or(0)));
-        assert_eq!(proc_start_time(0), None);
-        // Above the kernel's pid_max limit (2^22).
-        assert_eq!(proc_start_time(u32::MAX), None);
     }
 }

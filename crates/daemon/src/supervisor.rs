@@ -10,17 +10,20 @@
 //!
 //! Dropping the supervisor stops watching; it never stops a VMM.
 
-use crate::launcher::{proc_start_time, proc_state};
+use crate::process::{self, proc_start_time, proc_state, PidFd};
+use crate::sync::lock;
 use api::control::{VmCommand, VmResponse};
 pub use config::exit_report::{ExitKind, ExitReport};
 use std::collections::{HashMap, HashSet};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
 
 /// How a VMM process ended, as far as the kernel told us.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -31,6 +34,17 @@ pub enum ExitStatusKind {
     Signaled(i32),
     /// Not known: it was not our child (see the notice's report).
     Unknown,
+}
+
+impl From<std::process::ExitStatus> for ExitStatusKind {
+    fn from(status: std::process::ExitStatus) -> ExitStatusKind {
+        use std::os::unix::process::ExitStatusExt;
+        match (status.code(), status.signal()) {
+            (Some(c), _) => ExitStatusKind::Exited(c),
+            (None, Some(s)) => ExitStatusKind::Signaled(s),
+            _ => ExitStatusKind::Unknown,
+        }
+    }
 }
 
 /// A watched VMM process ended.
@@ -151,12 +165,12 @@ struct Watch {
     pid: u32,
     exit_report: PathBuf,
     own_child: bool,
-    pidfd: OwnedFd,
+    pidfd: PidFd,
 }
 
 struct Shared {
-    epoll: OwnedFd,
-    wake: OwnedFd,
+    epoll: Epoll,
+    wake: EventFd,
     watches: Mutex<HashMap<u64, Watch>>,
     stopping: Mutex<HashSet<String>>,
     next: AtomicU64,
@@ -172,54 +186,27 @@ pub struct Supervisor {
 /// The eventfd's token in the epoll set; watches use 1, 2, ...
 const WAKE_TOKEN: u64 = 0;
 
-fn last_err(what: &str) -> std::io::Error {
-    let e = std::io::Error::last_os_error();
-    std::io::Error::new(e.kind(), format!("{what}: {e}"))
+/// Puts `what` (the call that failed) in front of an error's message.
+fn context(what: &'static str) -> impl Fn(std::io::Error) -> std::io::Error {
+    move |e| std::io::Error::new(e.kind(), format!("{what}: {e}"))
 }
 
-/// Opens a pidfd for `pid` (which must not be reaped yet for the fd to name it).
-fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
-    let pid = libc::pid_t::try_from(pid)
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "pid out of range"))?;
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1; no memory is passed.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        // Unwrapped: the caller looks at the errno (ESRCH).
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: the syscall returned a new fd that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
-}
-
-fn epoll_add(epoll: &OwnedFd, fd: RawFd, token: u64) -> std::io::Result<()> {
-    let mut ev = libc::epoll_event {
-        events: libc::EPOLLIN as u32,
-        u64: token,
-    };
-    // SAFETY: both fds are open; `ev` is a valid epoll_event the kernel only reads.
-    if unsafe { libc::epoll_ctl(epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) } < 0 {
-        return Err(last_err("epoll_ctl"));
-    }
-    Ok(())
+fn epoll_add(epoll: &Epoll, fd: RawFd, token: u64) -> std::io::Result<()> {
+    epoll
+        .ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(EventSet::IN, token),
+        )
+        .map_err(context("epoll_ctl"))
 }
 
 impl Supervisor {
     /// Starts the watcher thread; exits arrive on the receiver.
     pub fn new() -> std::io::Result<(Supervisor, Receiver<ExitNotice>)> {
-        // SAFETY: epoll_create1 and eventfd take flags only and return new fds or -1.
-        let epoll = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if epoll < 0 {
-            return Err(last_err("epoll_create1"));
-        }
-        // SAFETY: a new fd owned by nothing else.
-        let epoll = unsafe { OwnedFd::from_raw_fd(epoll) };
-        // SAFETY: as above.
-        let wake = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if wake < 0 {
-            return Err(last_err("eventfd"));
-        }
-        // SAFETY: a new fd owned by nothing else.
-        let wake = unsafe { OwnedFd::from_raw_fd(wake) };
+        let epoll = Epoll::new().map_err(context("epoll_create1"))?;
+        let wake =
+            EventFd::new(libc::EFD_CLOEXEC | libc::EFD_NONBLOCK).map_err(context("eventfd"))?;
         epoll_add(&epoll, wake.as_raw_fd(), WAKE_TOKEN)?;
         let (tx, rx) = channel();
         let shared = Arc::new(Shared {
@@ -261,7 +248,7 @@ impl Supervisor {
             pid,
             source,
         };
-        let pidfd = match pidfd_open(pid) {
+        let pidfd = match PidFd::open(pid) {
             Ok(fd) => Some(fd),
             // Gone and reaped (by someone else): report it now.
             Err(e) if e.raw_os_error() == Some(libc::ESRCH) => None,
@@ -341,23 +328,12 @@ impl Supervisor {
 
 impl Drop for Supervisor {
     fn drop(&mut self) {
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a live u64 to our eventfd.
-        unsafe {
-            libc::write(
-                self.shared.wake.as_raw_fd(),
-                (&one as *const u64).cast(),
-                std::mem::size_of::<u64>(),
-            )
-        };
+        // Fails only when the counter is full: the thread has been told already.
+        let _ = self.shared.wake.write(1);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Shared {
@@ -390,28 +366,13 @@ impl Shared {
 
 /// Reaps own child `pid`, which has exited (its pidfd is readable).
 fn reap(pid: u32) -> ExitStatusKind {
-    let Ok(pid) = libc::pid_t::try_from(pid) else {
-        return ExitStatusKind::Unknown;
-    };
     for _ in 0..100 {
-        let mut status: libc::c_int = 0;
-        // SAFETY: `status` is a live c_int the kernel writes to.
-        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
-        if r == pid {
-            if libc::WIFEXITED(status) {
-                return ExitStatusKind::Exited(libc::WEXITSTATUS(status));
-            }
-            if libc::WIFSIGNALED(status) {
-                return ExitStatusKind::Signaled(libc::WTERMSIG(status));
-            }
-            return ExitStatusKind::Unknown;
-        }
-        if r < 0 {
-            if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
-                continue;
-            }
+        match process::try_wait(pid) {
+            Ok(Some(status)) => return ExitStatusKind::from(status),
+            Ok(None) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
             // ECHILD: not our child after all, or reaped elsewhere.
-            return ExitStatusKind::Unknown;
+            Err(_) => return ExitStatusKind::Unknown,
         }
         // The pidfd turns readable as the process exits; the zombie may lag a moment.
         std::thread::sleep(Duration::from_millis(10));
@@ -421,41 +382,29 @@ fn reap(pid: u32) -> ExitStatusKind {
 
 /// The watcher thread.
 fn run(shared: &Shared) {
-    let mut events = [libc::epoll_event { events: 0, u64: 0 }; 16];
+    let mut events = [EpollEvent::default(); 16];
     loop {
-        // SAFETY: `events` is a live array of the length passed; the kernel writes entries.
-        let n = unsafe {
-            libc::epoll_wait(
-                shared.epoll.as_raw_fd(),
-                events.as_mut_ptr(),
-                events.len() as libc::c_int,
-                -1,
-            )
-        };
-        if n < 0 {
-            if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
-                continue;
+        let n = match shared.epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+            Err(e) => {
+                tracing::error!("supervisor epoll_wait: {e}");
+                return;
             }
-            tracing::error!("{}", last_err("supervisor epoll_wait"));
-            return;
-        }
-        for ev in &events[..n as usize] {
-            let token = ev.u64;
+        };
+        for ev in &events[..n] {
+            let token = ev.data();
             if token == WAKE_TOKEN {
                 return;
             }
             let Some(w) = lock(&shared.watches).remove(&token) else {
                 continue;
             };
-            // SAFETY: both fds are open; a null event is allowed for EPOLL_CTL_DEL.
-            unsafe {
-                libc::epoll_ctl(
-                    shared.epoll.as_raw_fd(),
-                    libc::EPOLL_CTL_DEL,
-                    w.pidfd.as_raw_fd(),
-                    std::ptr::null_mut(),
-                )
-            };
+            let _ = shared.epoll.ctl(
+                ControlOperation::Delete,
+                w.pidfd.as_raw_fd(),
+                EpollEvent::default(),
+            );
             let notice = shared.notice(&w.vm_id, w.pid, &w.exit_report, w.own_child);
             drop(w);
             // The receiver may be gone (the daemon is shutting down): nothing to do then.
@@ -479,9 +428,8 @@ pub fn check_adoptable(pid: u32, start_time: u64, control_socket: &Path) -> Resu
     if proc_state(pid).map_err(|_| AdoptError::NotRunning(pid))? == 'Z' {
         return Err(AdoptError::NotRunning(pid));
     }
-    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let argv0 = cmdline.split(|b| *b == 0).next().unwrap_or_default();
+    let exe = process::exe(pid);
+    let argv0 = process::argv0(pid);
     let is_ferrovisor = |name: &[u8]| {
         let base = name.rsplit(|b| *b == b'/').next().unwrap_or_default();
         base.starts_with(b"ferrovisor")
@@ -489,10 +437,10 @@ pub fn check_adoptable(pid: u32, start_time: u64, control_socket: &Path) -> Resu
     let exe_ok = exe
         .as_ref()
         .is_some_and(|e| is_ferrovisor(e.as_os_str().as_encoded_bytes()));
-    if !exe_ok && !is_ferrovisor(argv0) {
+    if !exe_ok && !is_ferrovisor(&argv0) {
         let what = exe
             .map(|e| e.display().to_string())
-            .unwrap_or_else(|| String::from_utf8_lossy(argv0).into_owned());
+            .unwrap_or_else(|| String::from_utf8_lossy(&argv0).into_owned());
         return Err(AdoptError::NotFerrovisor { pid, what });
     }
     let control = |why: String| AdoptError::Control {
@@ -517,7 +465,7 @@ pub fn check_adoptable(pid: u32, start_time: u64, control_socket: &Path) -> Resu
     Ok(())
 }
 
-pub use crate::store::RestartPolicy;
+pub use api::RestartPolicy;
 
 /// The first back-off delay.
 pub const BACKOFF_START: Duration = Duration::from_secs(1);
@@ -705,8 +653,7 @@ mod tests {
         assert!(matches!(err, WatchError::NotSameProcess { .. }), "{err:?}");
         sup.watch("a".into(), pid, start, none.clone(), true)
             .unwrap();
-        // SAFETY: kill has no memory effects; `pid` is our live child.
-        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        process::kill(pid, libc::SIGKILL).unwrap();
         let n = rx.recv_timeout(wait).unwrap();
         assert_eq!((n.vm_id.as_str(), n.pid), ("a", pid));
         assert_eq!(n.status, ExitStatusKind::Signaled(libc::SIGKILL));

@@ -6,7 +6,7 @@
 
 use super::failure::Failure;
 use super::input::VmParam;
-use super::AppState;
+use super::state::AppState;
 use api::ApiError;
 use axum::body::Body;
 use axum::extract::{Request, State};

@@ -2,9 +2,9 @@
 
 use super::failure::Failure;
 use super::input::{query_int, query_pairs};
-use super::AppState;
+use super::state::AppState;
 use crate::store;
-use api::{ApiError, Event, EventKind};
+use api::{ApiError, Event};
 use axum::extract::{RawQuery, State};
 use axum::http::HeaderMap;
 use axum::response::sse::{self, KeepAlive, Sse};
@@ -119,39 +119,8 @@ fn to_sse(e: &Event) -> sse::Event {
     let data = serde_json::to_string(e).unwrap_or_else(|_| "{}".into());
     sse::Event::default()
         .id(e.id.to_string())
-        .event(kind_name(e.kind))
+        .event(e.kind.as_str())
         .data(data)
-}
-
-fn kind_name(k: EventKind) -> &'static str {
-    match k {
-        EventKind::Created => "created",
-        EventKind::Started => "started",
-        EventKind::Paused => "paused",
-        EventKind::Resumed => "resumed",
-        EventKind::Stopped => "stopped",
-        EventKind::Crashed => "crashed",
-        EventKind::Exited => "exited",
-        EventKind::Restarted => "restarted",
-        EventKind::Deleted => "deleted",
-        EventKind::Adopted => "adopted",
-    }
-}
-
-fn api_kind(k: store::EventKind) -> EventKind {
-    use store::EventKind as K;
-    match k {
-        K::Created => EventKind::Created,
-        K::Started => EventKind::Started,
-        K::Paused => EventKind::Paused,
-        K::Resumed => EventKind::Resumed,
-        K::Stopped => EventKind::Stopped,
-        K::Crashed => EventKind::Crashed,
-        K::Exited => EventKind::Exited,
-        K::Restarted => EventKind::Restarted,
-        K::Deleted => EventKind::Deleted,
-        K::Adopted => EventKind::Adopted,
-    }
 }
 
 /// The API's view of a logged event.
@@ -160,7 +129,7 @@ pub fn api_event(e: &store::Event) -> Event {
         id: e.id,
         at: e.at,
         vm_id: e.vm_id.as_ref().map(|v| v.to_string()),
-        kind: api_kind(e.kind),
+        kind: e.kind,
         detail: e.detail.clone(),
     }
 }

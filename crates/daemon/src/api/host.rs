@@ -1,7 +1,7 @@
 //! `/v1/host`: what the host offers and what the VMs take.
 
 use super::failure::Failure;
-use super::AppState;
+use super::state::AppState;
 use api::{ApiError, Capacity, HostInfo, KvmFlavour};
 use axum::extract::State;
 use axum::Json;

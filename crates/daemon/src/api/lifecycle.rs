@@ -1,10 +1,10 @@
 //! `/v1/vms/{vm}/...`: start, shutdown, kill, reboot, pause, resume, stats. Each runs with the
-//! VM's lock held (see [`super::AppState::vm_op`]) and answers the VM as it is afterwards.
+//! VM's lock held (see [`super::state::AppState::vm_op`]) and answers the VM as it is afterwards.
 
 use super::failure::Failure;
 use super::input::{json_body, VmParam};
+use super::state::AppState;
 use super::vms::vm_info;
-use super::AppState;
 use crate::manager::DEFAULT_SHUTDOWN_TIMEOUT;
 use api::{ApiError, ShutdownRequest, VmInfo, VmStats};
 use axum::body::Bytes;

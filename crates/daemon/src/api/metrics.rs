@@ -1,9 +1,8 @@
 //! `GET /metrics`: the daemon's gauges and counters in the Prometheus text format (0.0.4).
 
 use super::failure::Failure;
-use super::AppState;
-use crate::store::VmState;
-use api::ApiError;
+use super::state::AppState;
+use api::{ApiError, VmState};
 use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;

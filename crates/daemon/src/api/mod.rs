@@ -1,6 +1,7 @@
-//! The daemon's HTTP/JSON API on its Unix socket: axum routes over the [`Store`], with the
-//! OpenAPI document generated from the same handlers (`utoipa`; every route is registered
-//! through `utoipa_axum::routes!`, so a route without its documentation does not compile).
+//! The daemon's HTTP/JSON API on its Unix socket: axum routes over the
+//! [`Store`](crate::store::Store), with the OpenAPI document generated from the same handlers
+//! (`utoipa`; every route is registered through `utoipa_axum::routes!`, so a route without its
+//! documentation does not compile).
 //!
 //! # Routes
 //!
@@ -35,127 +36,22 @@ mod input;
 mod lifecycle;
 mod metrics;
 mod socket;
+mod state;
 mod vms;
 
 pub use failure::Failure;
 pub use socket::bind_socket;
-pub(crate) use vms::api_state;
+pub use state::{ApiConfig, AppState};
 
-use crate::error::StoreError;
-use crate::manager::{Manager, OpError};
-use crate::store::Store;
 use axum::body::{Body, Bytes};
 use axum::extract::{FromRequest, Request};
 use axum::http::{Method, StatusCode, Uri};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Router;
-use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
-use tokio::sync::{Notify, OwnedMutexGuard};
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
-
-/// What the API needs to know about the host daemon.
-#[derive(Clone, Debug)]
-pub struct ApiConfig {
-    /// The daemon's state directory.
-    pub state_dir: PathBuf,
-    /// The KVM device (`/dev/kvm`): configs are validated against its limits.
-    pub kvm_path: PathBuf,
-}
-
-/// The API's shared state: the VM manager (and through it the store), the config, the change
-/// notifier.
-#[derive(Clone)]
-pub struct AppState {
-    inner: Arc<Inner>,
-}
-
-struct Inner {
-    manager: Manager,
-    config: ApiConfig,
-    changed: Arc<Notify>,
-    openapi: OnceLock<String>,
-}
-
-impl AppState {
-    /// State over `manager`; `changed` is the notifier the manager wakes (see
-    /// [`Manager::new`]).
-    pub fn new(manager: Manager, changed: Arc<Notify>, config: ApiConfig) -> AppState {
-        AppState {
-            inner: Arc::new(Inner {
-                manager,
-                config,
-                changed,
-                openapi: OnceLock::new(),
-            }),
-        }
-    }
-
-    /// The store.
-    pub fn store(&self) -> &Arc<Store> {
-        self.inner.manager.store()
-    }
-
-    /// The VM manager.
-    pub fn manager(&self) -> &Manager {
-        &self.inner.manager
-    }
-
-    /// The config.
-    pub fn config(&self) -> &ApiConfig {
-        &self.inner.config
-    }
-
-    /// Wakes the event streams: call after writing to the store.
-    pub fn notify_changed(&self) {
-        self.inner.changed.notify_waiters();
-    }
-
-    pub(crate) fn changed(&self) -> &Notify {
-        &self.inner.changed
-    }
-
-    /// Takes the lock of one VM (by its id; `name:NAME` for a VM being created). Held for the
-    /// whole of an operation on that VM, so operations on one VM never interleave.
-    pub async fn lock_vm(&self, key: &str) -> OwnedMutexGuard<()> {
-        self.inner.manager.lock_vm(key).await
-    }
-
-    /// Runs a store operation on the blocking pool.
-    pub(crate) async fn blocking<T, F>(&self, f: F) -> Result<T, Failure>
-    where
-        T: Send + 'static,
-        F: FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
-    {
-        let store = Arc::clone(self.store());
-        tokio::task::spawn_blocking(move || f(&store))
-            .await
-            .map_err(|e| Failure::internal(format!("store operation failed: {e}")))?
-            .map_err(Failure::from)
-    }
-
-    /// Runs a manager operation on VM `vm` (id or name) with its lock held, on the blocking
-    /// pool.
-    pub(crate) async fn vm_op<T, F>(&self, vm: String, f: F) -> Result<T, Failure>
-    where
-        T: Send + 'static,
-        F: FnOnce(&Manager, &str) -> Result<T, OpError> + Send + 'static,
-    {
-        let id = self.blocking(move |s| s.get(&vm)).await?.id.to_string();
-        let guard = self.lock_vm(&id).await;
-        let m = self.inner.manager.clone();
-        tokio::task::spawn_blocking(move || {
-            let _guard = guard;
-            f(&m, &id)
-        })
-        .await
-        .map_err(|e| Failure::internal(format!("VM operation failed: {e}")))?
-        .map_err(Failure::from)
-    }
-}
 
 #[derive(OpenApi)]
 #[openapi(
@@ -205,7 +101,7 @@ pub fn router(state: AppState) -> Router {
     let json = doc
         .to_pretty_json()
         .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
-    let _ = state.inner.openapi.set(json);
+    state.set_openapi(json);
     router
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
@@ -259,7 +155,7 @@ where
 async fn openapi_json(
     axum::extract::State(st): axum::extract::State<AppState>,
 ) -> impl IntoResponse {
-    let body = st.inner.openapi.get().cloned().unwrap_or_default();
+    let body = st.openapi().unwrap_or_default().to_string();
     (
         [(axum::http::header::CONTENT_TYPE, "application/json")],
         body,

@@ -2,9 +2,9 @@
 
 use super::failure::Failure;
 use super::input::{json_body, query_bool, query_pairs, VmParam};
-use super::AppState;
-use crate::store::{self, now_millis, validate_name, VmRecord};
-use api::{ApiError, CreateVm, VmInfo};
+use super::state::AppState;
+use crate::store::{now_millis, validate_name, VmRecord};
+use api::{ApiError, CreateVm, DesiredState, VmInfo, VmState};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{RawQuery, State};
@@ -57,12 +57,12 @@ pub async fn create_vm(
     .map_err(|e| Failure::internal(format!("validation failed: {e}")))??;
 
     let guard = st.lock_vm(&format!("name:{}", req.name)).await;
-    let policy = restart_policy(req.restart_policy);
+    let policy = req.restart_policy;
     let start = req.start;
     let desired = if start {
-        store::DesiredState::Running
+        DesiredState::Running
     } else {
-        store::DesiredState::Stopped
+        DesiredState::Stopped
     };
     let rec = st
         .blocking(move |s| s.create_with(&req.name, &req.config, policy, desired, &req.resources))
@@ -153,36 +153,6 @@ pub async fn delete_vm(
     Ok(Json(vm_info(&rec)))
 }
 
-fn restart_policy(p: api::RestartPolicy) -> store::RestartPolicy {
-    match p {
-        api::RestartPolicy::Never => store::RestartPolicy::Never,
-        api::RestartPolicy::OnFailure => store::RestartPolicy::OnFailure,
-        api::RestartPolicy::Always => store::RestartPolicy::Always,
-    }
-}
-
-fn api_restart_policy(p: store::RestartPolicy) -> api::RestartPolicy {
-    match p {
-        store::RestartPolicy::Never => api::RestartPolicy::Never,
-        store::RestartPolicy::OnFailure => api::RestartPolicy::OnFailure,
-        store::RestartPolicy::Always => api::RestartPolicy::Always,
-    }
-}
-
-pub(crate) fn api_state(s: store::VmState) -> api::VmState {
-    use store::VmState as S;
-    match s {
-        S::Created => api::VmState::Created,
-        S::Starting => api::VmState::Starting,
-        S::Running => api::VmState::Running,
-        S::Paused => api::VmState::Paused,
-        S::Stopping => api::VmState::Stopping,
-        S::Stopped => api::VmState::Stopped,
-        S::Crashed => api::VmState::Crashed,
-        S::Exited => api::VmState::Exited,
-    }
-}
-
 /// The API's view of a stored VM.
 pub fn vm_info(rec: &VmRecord) -> VmInfo {
     let rt = &rec.runtime;
@@ -190,17 +160,14 @@ pub fn vm_info(rec: &VmRecord) -> VmInfo {
     // start time of a VM that ended is its last run's).
     let live = matches!(
         rt.state,
-        store::VmState::Running | store::VmState::Paused | store::VmState::Stopping
+        VmState::Running | VmState::Paused | VmState::Stopping
     );
     VmInfo {
         id: rec.id.to_string(),
         name: rec.name.clone(),
-        state: api_state(rt.state),
-        desired_state: match rec.desired_state {
-            store::DesiredState::Running => api::DesiredState::Running,
-            store::DesiredState::Stopped => api::DesiredState::Stopped,
-        },
-        restart_policy: api_restart_policy(rec.restart_policy),
+        state: rt.state,
+        desired_state: rec.desired_state,
+        restart_policy: rec.restart_policy,
         config: rec.config.clone(),
         pid: rt.pid.filter(|_| live),
         uptime_ms: rt
