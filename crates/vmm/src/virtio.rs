@@ -4,7 +4,7 @@
 
 use crate::boot::acpi::DsdtDevice;
 use crate::memory::VIRTIO_MMIO_START;
-use devices::virtio::{MmioTransport, VirtioDevice, VirtioInterrupt, MMIO_LEN, NOTIFY_OFFSET};
+use devices::virtio::{MmioTransport, VirtioDevice, MMIO_LEN, NOTIFY_OFFSET};
 use devices::{Bus, Interrupt};
 use kvm_ioctls::{IoEventAddress, VmFd};
 use std::os::fd::AsRawFd;
@@ -169,8 +169,7 @@ pub fn attach(
         let line = Interrupt::new().map_err(|e| VirtioSetupError::Setup(e.to_string()))?;
         vm.register_irqfd(line.eventfd(), gsi)
             .map_err(err("KVM_IRQFD"))?;
-        let interrupt = Arc::new(VirtioInterrupt::new(line));
-        let transport = MmioTransport::new(device, mem.clone(), interrupt);
+        let transport = MmioTransport::new(device, mem.clone(), line);
         let queues = transport.num_queues() as u32;
         let transport = Arc::new(Mutex::new(transport));
         mmio.insert(transport.clone(), base, MMIO_LEN)

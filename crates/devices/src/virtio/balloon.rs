@@ -13,11 +13,11 @@
 //! free page hinting queue is never offered, so the device exposes exactly the queues of the
 //! features it offers.
 
+use super::transport::NoInterrupt;
 use super::worker::{EventHandler, EventOps, Worker};
 use super::{
-    Metrics, VirtioDevice, VirtioError, VirtioInterrupt, INT_CONFIG, INT_VRING, VIRTIO_F_VERSION_1,
+    InterruptKind, Metrics, VirtioDevice, VirtioError, VirtioInterrupt, VIRTIO_F_VERSION_1,
 };
-use crate::Interrupt;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -170,15 +170,26 @@ impl BalloonMetrics {
 }
 
 /// State shared between the device, its worker and [`BalloonControl`] handles.
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct Shared {
     /// Config `num_pages`: the target in 4 KiB pages.
     target_pages: AtomicU32,
     /// Config `actual`: what the driver says the balloon holds, in 4 KiB pages.
     actual_pages: AtomicU32,
     /// The interrupt while the device is active.
-    interrupt: Mutex<Option<Arc<VirtioInterrupt>>>,
+    interrupt: Mutex<Option<Arc<dyn VirtioInterrupt>>>,
     stats: Mutex<BalloonStats>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("target_pages", &self.target_pages)
+            .field("actual_pages", &self.actual_pages)
+            .field("active", &lock(&self.interrupt).is_some())
+            .field("stats", &self.stats)
+            .finish()
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -205,7 +216,9 @@ impl BalloonControl {
             .target_pages
             .store(bytes_to_pages(bytes), Ordering::SeqCst);
         if let Some(irq) = lock(&self.shared.interrupt).as_ref() {
-            irq.signal(INT_CONFIG);
+            if let Err(e) = irq.trigger(InterruptKind::Config) {
+                tracing::warn!("virtio-balloon interrupt: {e}");
+            }
         }
     }
 
@@ -378,7 +391,7 @@ impl VirtioDevice for Balloon {
         mem: GuestMemoryMmap,
         features: u64,
         queues: Vec<Queue>,
-        interrupt: Arc<VirtioInterrupt>,
+        interrupt: Arc<dyn VirtioInterrupt>,
     ) -> Result<(), VirtioError> {
         if let Some(w) = self.worker.take() {
             w.stop();
@@ -458,7 +471,7 @@ pub struct BalloonHandler {
     mem: GuestMemoryMmap,
     /// By transport queue index: the role and the queue (`None`: not set up or not negotiated).
     queues: Vec<Option<(BalloonQueue, Queue)>>,
-    interrupt: Arc<VirtioInterrupt>,
+    interrupt: Arc<dyn VirtioInterrupt>,
     metrics: Arc<BalloonMetrics>,
     shared: Arc<Shared>,
     stats_timer: Option<TimerFd>,
@@ -470,6 +483,13 @@ pub struct BalloonHandler {
 }
 
 type Chain<'a> = DescriptorChain<&'a GuestMemoryMmap>;
+
+/// Tells the driver that queue `qi` has used buffers.
+fn signal(interrupt: &dyn VirtioInterrupt, qi: usize) {
+    if let Err(e) = interrupt.trigger(InterruptKind::queue(qi)) {
+        tracing::warn!("virtio-balloon interrupt: {e}");
+    }
+}
 
 /// What one chain's device-readable buffers held.
 struct Gathered {
@@ -561,13 +581,10 @@ impl BalloonHandler {
         queue: Queue,
     ) -> Arc<BalloonMetrics> {
         let metrics = Arc::new(BalloonMetrics::default());
-        let Ok(line) = Interrupt::new() else {
-            return metrics;
-        };
         let mut h = BalloonHandler {
             mem: mem.clone(),
             queues: vec![Some((kind, queue))],
-            interrupt: Arc::new(VirtioInterrupt::new(line)),
+            interrupt: Arc::new(NoInterrupt),
             metrics: metrics.clone(),
             shared: Arc::new(Shared::default()),
             stats_timer: None,
@@ -629,7 +646,7 @@ impl BalloonHandler {
             used = true;
         }
         if used && queue.needs_notification(mem).unwrap_or(true) {
-            self.interrupt.signal(INT_VRING);
+            signal(&*self.interrupt, qi);
         }
         if served == MAX_CHAINS_PER_EVENT {
             if let Some(r) = &self.resume {
@@ -649,7 +666,7 @@ impl BalloonHandler {
                 return;
             }
             if q.needs_notification(&self.mem).unwrap_or(true) {
-                self.interrupt.signal(INT_VRING);
+                signal(&*self.interrupt, qi);
             }
         }
     }
@@ -790,6 +807,7 @@ impl EventHandler for BalloonHandler {
 mod tests {
     use super::*;
     use crate::virtio::testing::{ro, wo, TestDriver, DATA, F_NEXT, F_WRITE, MEM_SIZE};
+    use crate::virtio::transport::mmio::{INT_CONFIG, INT_VRING};
     use crate::BusDevice;
     use std::time::Instant;
 

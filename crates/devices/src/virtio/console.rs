@@ -8,7 +8,9 @@
 //! lives as long as the device, so a guest reboot (device reset) does not drop the client.
 
 use super::worker::{EventHandler, EventOps, Worker};
-use super::{Metrics, VirtioDevice, VirtioError, VirtioInterrupt, INT_VRING, VIRTIO_F_VERSION_1};
+use super::{
+    InterruptKind, Metrics, VirtioDevice, VirtioError, VirtioInterrupt, VIRTIO_F_VERSION_1,
+};
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -339,7 +341,7 @@ impl VirtioDevice for Console {
         mem: GuestMemoryMmap,
         _features: u64,
         queues: Vec<Queue>,
-        interrupt: Arc<VirtioInterrupt>,
+        interrupt: Arc<dyn VirtioInterrupt>,
     ) -> Result<(), VirtioError> {
         if let Some(w) = self.worker.take() {
             w.stop();
@@ -518,7 +520,7 @@ struct ConsoleHandler {
     mem: GuestMemoryMmap,
     rx: Queue,
     tx: Queue,
-    interrupt: Arc<VirtioInterrupt>,
+    interrupt: Arc<dyn VirtioInterrupt>,
     metrics: Arc<ConsoleMetrics>,
     sink: Arc<Mutex<Sink>>,
     resume: EventFd,
@@ -528,6 +530,12 @@ struct ConsoleHandler {
 }
 
 impl ConsoleHandler {
+    fn signal(&self, queue: usize) {
+        if let Err(e) = self.interrupt.trigger(InterruptKind::queue(queue)) {
+            tracing::warn!("virtio-console interrupt: {e}");
+        }
+    }
+
     fn transmit(&mut self) {
         let sink = self.sink.clone();
         let mut sink = lock(&sink);
@@ -542,7 +550,7 @@ impl ConsoleHandler {
             s.flush(&self.metrics);
         }
         if notify {
-            self.interrupt.signal(INT_VRING);
+            self.signal(TX);
         }
         if served >= MAX_CHAINS_PER_EVENT {
             let _ = self.resume.write(1);
@@ -558,7 +566,7 @@ impl ConsoleHandler {
         let (served, notify) =
             process_receive(&self.mem, &mut self.rx, &mut s.pending_in, &self.metrics);
         if notify {
-            self.interrupt.signal(INT_VRING);
+            self.signal(RX);
         }
         if served >= MAX_CHAINS_PER_EVENT && !s.pending_in.is_empty() {
             let _ = self.resume.write(1);
@@ -729,6 +737,7 @@ impl EventHandler for ConsoleHandler {
 mod tests {
     use super::*;
     use crate::virtio::testing::{ro, wo, TestDriver, DATA, F_NEXT, F_WRITE};
+    use crate::virtio::transport::mmio::INT_VRING;
     use std::time::{Duration, Instant};
 
     fn temp_path(name: &str) -> PathBuf {

@@ -20,7 +20,9 @@
 //! the synchronous fuzzing entry points.
 
 use super::worker::{EventHandler, EventOps, Worker};
-use super::{Metrics, VirtioDevice, VirtioError, VirtioInterrupt, INT_VRING, VIRTIO_F_VERSION_1};
+use super::{
+    InterruptKind, Metrics, VirtioDevice, VirtioError, VirtioInterrupt, VIRTIO_F_VERSION_1,
+};
 use crate::rate_limiter::{RateLimit, RateLimiter};
 use crate::tap::{Tap, TapError, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN};
 use std::io;
@@ -319,7 +321,7 @@ pub struct NetHandler {
     mem: GuestMemoryMmap,
     rx: Queue,
     tx: Queue,
-    interrupt: Arc<VirtioInterrupt>,
+    interrupt: Arc<dyn VirtioInterrupt>,
     backend: Arc<dyn NetBackend>,
     metrics: Arc<NetMetrics>,
     mergeable: bool,
@@ -348,7 +350,7 @@ impl NetHandler {
         mem: GuestMemoryMmap,
         mut rx: Queue,
         mut tx: Queue,
-        interrupt: Arc<VirtioInterrupt>,
+        interrupt: Arc<dyn VirtioInterrupt>,
         backend: Arc<dyn NetBackend>,
         metrics: Arc<NetMetrics>,
         features: u64,
@@ -381,9 +383,16 @@ impl NetHandler {
         })
     }
 
-    fn signal_used(queue: &mut Queue, mem: &GuestMemoryMmap, interrupt: &VirtioInterrupt) {
+    fn signal_used(
+        queue: &mut Queue,
+        index: usize,
+        mem: &GuestMemoryMmap,
+        interrupt: &dyn VirtioInterrupt,
+    ) {
         if queue.needs_notification(mem).unwrap_or(true) {
-            interrupt.signal(INT_VRING);
+            if let Err(e) = interrupt.trigger(InterruptKind::queue(index)) {
+                tracing::warn!("virtio-net interrupt: {e}");
+            }
         }
     }
 
@@ -485,7 +494,7 @@ impl NetHandler {
             }
         };
         if returned > 0 {
-            Self::signal_used(&mut self.tx, &self.mem, &self.interrupt);
+            Self::signal_used(&mut self.tx, TX_QUEUE, &self.mem, &*self.interrupt);
         }
         status
     }
@@ -545,7 +554,7 @@ impl NetHandler {
             }
         };
         if returned > 0 {
-            Self::signal_used(&mut self.rx, &self.mem, &self.interrupt);
+            Self::signal_used(&mut self.rx, RX_QUEUE, &self.mem, &*self.interrupt);
         }
         status
     }
@@ -931,7 +940,7 @@ impl VirtioDevice for Net {
         mem: GuestMemoryMmap,
         features: u64,
         queues: Vec<Queue>,
-        interrupt: Arc<VirtioInterrupt>,
+        interrupt: Arc<dyn VirtioInterrupt>,
     ) -> Result<(), VirtioError> {
         if let Some(w) = self.worker.take() {
             w.stop();
@@ -989,6 +998,7 @@ impl VirtioDevice for Net {
 mod tests {
     use super::*;
     use crate::virtio::testing::{rings, ro, wo, TestDriver, DATA, MEM_SIZE};
+    use crate::virtio::transport::mmio::INT_VRING;
     use crate::BusDevice;
     use std::fs::File;
     use std::io::{Read, Write};

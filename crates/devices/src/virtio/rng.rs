@@ -1,6 +1,6 @@
 //! virtio-rng: an entropy source fed from the host's `getrandom`.
 
-use super::{VirtioDevice, VirtioError, VirtioInterrupt, INT_VRING, VIRTIO_F_VERSION_1};
+use super::{InterruptKind, VirtioDevice, VirtioError, VirtioInterrupt, VIRTIO_F_VERSION_1};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use virtio_queue::{Queue, QueueT};
@@ -37,7 +37,7 @@ impl super::Metrics for RngMetrics {
 struct Active {
     mem: GuestMemoryMmap,
     queue: Queue,
-    interrupt: Arc<VirtioInterrupt>,
+    interrupt: Arc<dyn VirtioInterrupt>,
 }
 
 /// The device.
@@ -123,7 +123,9 @@ impl Rng {
             done += 1;
         }
         if done > 0 && a.queue.needs_notification(&a.mem).unwrap_or(true) {
-            a.interrupt.signal(INT_VRING);
+            if let Err(e) = a.interrupt.trigger(InterruptKind::Queue(0)) {
+                tracing::warn!("virtio-rng interrupt: {e}");
+            }
         }
         done
     }
@@ -164,7 +166,7 @@ impl VirtioDevice for Rng {
         mem: GuestMemoryMmap,
         _features: u64,
         queues: Vec<Queue>,
-        interrupt: Arc<VirtioInterrupt>,
+        interrupt: Arc<dyn VirtioInterrupt>,
     ) -> Result<(), VirtioError> {
         let [queue] = super::ready_queues::<1>(queues)?;
         self.active = Some(Active {

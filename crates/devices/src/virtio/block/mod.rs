@@ -309,7 +309,7 @@ impl VirtioDevice for Block {
         mem: GuestMemoryMmap,
         features: u64,
         queues: Vec<Queue>,
-        interrupt: Arc<VirtioInterrupt>,
+        interrupt: Arc<dyn VirtioInterrupt>,
     ) -> Result<(), VirtioError> {
         // A second activation without reset: stop the old worker first.
         self.reset();
