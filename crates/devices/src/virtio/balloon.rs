@@ -257,7 +257,7 @@ pub struct Balloon {
     shared: Arc<Shared>,
     metrics: Arc<BalloonMetrics>,
     queue_sizes: Vec<u16>,
-    worker: Option<Worker>,
+    worker: Option<Worker<BalloonHandler>>,
 }
 
 impl Balloon {
@@ -394,7 +394,7 @@ impl VirtioDevice for Balloon {
         interrupt: Arc<dyn VirtioInterrupt>,
     ) -> Result<(), VirtioError> {
         if let Some(w) = self.worker.take() {
-            w.stop();
+            drop(w.stop());
         }
         let roles = queue_roles(features & self.features());
         let mut slots = Vec::with_capacity(queues.len());
@@ -455,7 +455,7 @@ impl VirtioDevice for Balloon {
 
     fn reset(&mut self) {
         if let Some(w) = self.worker.take() {
-            w.stop();
+            drop(w.stop());
         }
         *lock(&self.shared.interrupt) = None;
         self.shared.actual_pages.store(0, Ordering::SeqCst);

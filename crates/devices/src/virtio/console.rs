@@ -240,7 +240,7 @@ impl Drop for SocketPath {
 pub struct Console {
     sink: Arc<Mutex<Sink>>,
     metrics: Arc<ConsoleMetrics>,
-    worker: Option<Worker>,
+    worker: Option<Worker<ConsoleHandler>>,
     // Dropped after the worker (fields drop in declaration order).
     _socket_path: Option<SocketPath>,
 }
@@ -344,7 +344,7 @@ impl VirtioDevice for Console {
         interrupt: Arc<dyn VirtioInterrupt>,
     ) -> Result<(), VirtioError> {
         if let Some(w) = self.worker.take() {
-            w.stop();
+            drop(w.stop());
         }
         let [rx, tx] = super::ready_queues::<2>(queues)?;
         let resume = EventFd::new(EFD_NONBLOCK)
@@ -374,7 +374,7 @@ impl VirtioDevice for Console {
 
     fn reset(&mut self) {
         if let Some(w) = self.worker.take() {
-            w.stop();
+            drop(w.stop());
         }
     }
 

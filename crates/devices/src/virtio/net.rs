@@ -820,7 +820,7 @@ pub struct Net {
     mac: [u8; 6],
     rate: RateLimit,
     metrics: Arc<NetMetrics>,
-    worker: Option<Worker>,
+    worker: Option<Worker<NetHandler>>,
 }
 
 impl Net {
@@ -943,7 +943,7 @@ impl VirtioDevice for Net {
         interrupt: Arc<dyn VirtioInterrupt>,
     ) -> Result<(), VirtioError> {
         if let Some(w) = self.worker.take() {
-            w.stop();
+            drop(w.stop());
         }
         let [rx, tx] = super::ready_queues::<2>(queues)?;
         let features = features & OFFERED_FEATURES;
@@ -981,7 +981,7 @@ impl VirtioDevice for Net {
 
     fn reset(&mut self) {
         if let Some(w) = self.worker.take() {
-            w.stop();
+            drop(w.stop());
         }
         // Until the next driver says what it accepts, the kernel hands over no offloaded frames.
         if let Err(e) = self.backend.set_offload(0) {

@@ -193,7 +193,7 @@ pub struct Block {
     rate: RateLimit,
     engine: IoEngine,
     metrics: Arc<BlockMetrics>,
-    worker: Option<Worker>,
+    worker: Option<Worker<BlockWorker>>,
 }
 
 impl Block {
@@ -352,8 +352,9 @@ impl VirtioDevice for Block {
 
     fn reset(&mut self) {
         if let Some(w) = self.worker.take() {
-            // Joins the thread; its state waits for in-flight I/O before guest memory goes.
-            w.stop();
+            // Joins the thread and drops its state (queue, engine): that waits for in-flight
+            // I/O before guest memory goes.
+            drop(w.stop());
         }
         self.metrics.inflight.store(0, Ordering::Relaxed);
     }

@@ -144,7 +144,7 @@ pub struct Vsock {
     listener: UnixListener,
     /// (device, inode) of the socket file we created, to remove only that on drop.
     ident: Option<(u64, u64)>,
-    worker: Option<Worker>,
+    worker: Option<Worker<Handler>>,
     metrics: Arc<VsockMetrics>,
     limits: Limits,
 }
@@ -230,7 +230,7 @@ impl Vsock {
 
     fn stop(&mut self) {
         if let Some(w) = self.worker.take() {
-            w.stop();
+            drop(w.stop());
         }
     }
 }
