@@ -266,7 +266,7 @@ fn stats(state: &ControlState) -> Value {
                 .metrics
                 .as_ref()
                 .map(|m| {
-                    m.snapshot()
+                    m.counters()
                         .into_iter()
                         .map(|(k, v)| (k.to_string(), json!(v)))
                         .collect()

@@ -92,7 +92,7 @@ pub trait VirtioDevice: Send {
 /// A device's counters, read by the monitoring side while the device runs.
 pub trait Metrics: Send + Sync {
     /// Every counter, by name (`requests`, `read_bytes`, `errors`, `rate_limited`, …).
-    fn snapshot(&self) -> Vec<(&'static str, u64)>;
+    fn counters(&self) -> Vec<(&'static str, u64)>;
 }
 
 #[cfg(test)]

@@ -25,7 +25,7 @@ pub struct RngMetrics {
 }
 
 impl super::Metrics for RngMetrics {
-    fn snapshot(&self) -> Vec<(&'static str, u64)> {
+    fn counters(&self) -> Vec<(&'static str, u64)> {
         vec![
             ("requests", self.requests.load(Ordering::Relaxed)),
             ("bytes", self.bytes.load(Ordering::Relaxed)),

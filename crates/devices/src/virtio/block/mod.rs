@@ -157,7 +157,7 @@ pub struct BlockMetrics {
 }
 
 impl Metrics for BlockMetrics {
-    fn snapshot(&self) -> Vec<(&'static str, u64)> {
+    fn counters(&self) -> Vec<(&'static str, u64)> {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         vec![
             ("read_requests", g(&self.read_requests)),

@@ -136,7 +136,7 @@ impl Dev {
 
     fn metric(&self, name: &str) -> u64 {
         self.m
-            .snapshot()
+            .counters()
             .into_iter()
             .find(|(n, _)| *n == name)
             .unwrap()

@@ -122,7 +122,7 @@ pub struct VsockMetrics {
 }
 
 impl super::Metrics for VsockMetrics {
-    fn snapshot(&self) -> Vec<(&'static str, u64)> {
+    fn counters(&self) -> Vec<(&'static str, u64)> {
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
         vec![
             ("conns_opened", l(&self.conns_opened)),
