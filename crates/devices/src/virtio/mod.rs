@@ -7,6 +7,7 @@
 
 pub mod balloon;
 pub mod block;
+pub mod chain;
 pub mod console;
 pub mod net;
 pub mod rng;

@@ -1,5 +1,6 @@
 //! virtio-rng: an entropy source fed from the host's `getrandom`.
 
+use super::chain::{Direction, Rules, Walker};
 use super::{InterruptKind, VirtioDevice, VirtioError, VirtioInterrupt, VIRTIO_F_VERSION_1};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -78,13 +79,14 @@ impl Rng {
             let mut written: u32 = 0;
             let mut bad = false;
             let mut writable = 0;
-            for desc in chain {
-                if !desc.is_write_only() {
+            for item in Walker::new(chain, Rules::direction(Direction::Write)) {
+                // Device-readable buffers have nothing to fill.
+                let Ok(region) = item else {
                     continue;
-                }
+                };
                 writable += 1;
-                let mut left = (desc.len() as usize).min(MAX_REQUEST - written as usize);
-                let mut addr = desc.addr();
+                let mut left = (region.len as usize).min(MAX_REQUEST - written as usize);
+                let mut addr = region.addr;
                 while left > 0 {
                     let n = left.min(buf.len());
                     if fill_random(&mut buf[..n]).is_err() {

@@ -5,6 +5,7 @@ use super::{
     lock, BalloonMetrics, BalloonQueue, BalloonStats, Shared, BALLOON_PAGE_SIZE,
     MAX_CHAINS_PER_EVENT, MAX_PFN_BYTES, MAX_STATS_BYTES,
 };
+use crate::virtio::chain::{Direction, Rules, Walker};
 use crate::virtio::transport::NoInterrupt;
 use crate::virtio::worker::{EventHandler, EventOps};
 use crate::virtio::{InterruptKind, VirtioInterrupt};
@@ -62,13 +63,14 @@ fn gather(mem: &GuestMemoryMmap, chain: Chain<'_>, cap: usize) -> Gathered {
         data: Vec::new(),
         bad: false,
     };
-    for desc in chain {
-        if desc.is_write_only() {
+    for item in Walker::new(chain, Rules::direction(Direction::Read)) {
+        let Ok(region) = item else {
+            // A device-writable buffer: skipped.
             g.bad = true;
             continue;
-        }
+        };
         let room = cap.saturating_sub(g.data.len());
-        let len = desc.len() as usize;
+        let len = region.len as usize;
         if len > room {
             g.bad = true;
         }
@@ -81,7 +83,7 @@ fn gather(mem: &GuestMemoryMmap, chain: Chain<'_>, cap: usize) -> Gathered {
         let ok = g
             .data
             .get_mut(start..)
-            .map(|buf| mem.read_slice(buf, desc.addr()).is_ok())
+            .map(|buf| mem.read_slice(buf, region.addr).is_ok())
             .unwrap_or(false);
         if !ok {
             g.data.truncate(start);
@@ -295,14 +297,15 @@ fn deflate(mem: &GuestMemoryMmap, chain: Chain<'_>, metrics: &BalloonMetrics) {
 
 /// A free page report: every device-writable buffer is a free range of guest memory to discard.
 fn report(mem: &GuestMemoryMmap, chain: Chain<'_>, metrics: &BalloonMetrics) {
-    for desc in chain {
-        if !desc.is_write_only() {
+    for item in Walker::new(chain, Rules::direction(Direction::Write)) {
+        let Ok(region) = item else {
+            // A device-readable buffer: not a free range.
             metrics.error(1);
             continue;
-        }
+        };
         // Only whole pages inside the range.
-        let start = desc.addr().0;
-        let Some(end) = start.checked_add(u64::from(desc.len())) else {
+        let start = region.addr.0;
+        let Some(end) = start.checked_add(u64::from(region.len)) else {
             metrics.error(1);
             continue;
         };

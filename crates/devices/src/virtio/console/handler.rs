@@ -4,6 +4,7 @@
 
 use super::sink::{lock, Sink};
 use super::{ConsoleMetrics, INPUT_CHUNK, MAX_CHAINS_PER_EVENT, MAX_TX_CHAIN, RX, TX};
+use crate::virtio::chain::{Direction, Rules, Walker};
 use crate::virtio::worker::{EventHandler, EventOps};
 use crate::virtio::{InterruptKind, VirtioInterrupt};
 use std::io::{self, Read};
@@ -11,7 +12,7 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -41,38 +42,34 @@ pub fn process_transmit(
         let head = chain.head_index();
         let mut total = 0usize;
         let mut bad = false;
-        for desc in chain {
-            if desc.is_write_only() {
+        for item in Walker::new(chain, Rules::direction(Direction::Read)) {
+            let Ok(region) = item else {
+                // A device-writable buffer: skipped.
                 bad = true;
                 continue;
-            }
-            let mut left = desc.len() as usize;
-            let mut addr = desc.addr().0;
-            while left > 0 {
+            };
+            let len = u64::from(region.len);
+            let mut offset = 0u64;
+            while offset < len {
                 if total >= MAX_TX_CHAIN {
                     bad = true;
                     break;
                 }
+                let left = usize::try_from(len - offset).unwrap_or(usize::MAX);
                 let n = left.min(buf.len()).min(MAX_TX_CHAIN - total);
-                let Some(chunk) = buf.get_mut(..n) else {
+                let (Some(at), Some(chunk)) = (region.at(offset), buf.get_mut(..n)) else {
+                    // The buffer wraps around the address space.
                     bad = true;
                     break;
                 };
-                if mem.read_slice(chunk, GuestAddress(addr)).is_err() {
+                if mem.read_slice(chunk, at).is_err() {
                     bad = true;
                     break;
                 }
                 out(chunk);
                 total += n;
-                left -= n;
+                offset += n as u64;
                 metrics.tx_bytes.fetch_add(n as u64, Ordering::Relaxed);
-                match addr.checked_add(n as u64) {
-                    Some(a) => addr = a,
-                    None => {
-                        bad = left > 0;
-                        break;
-                    }
-                }
             }
         }
         if bad {
@@ -109,19 +106,20 @@ pub fn process_receive(
         let head = chain.head_index();
         let mut written = 0usize;
         let mut bad = false;
-        for desc in chain {
-            if !desc.is_write_only() {
+        for item in Walker::new(chain, Rules::direction(Direction::Write)) {
+            let Ok(region) = item else {
+                // A device-readable buffer: skipped.
                 bad = true;
                 continue;
-            }
+            };
             let Some(data) = input.get(written..) else {
                 break;
             };
-            let n = data.len().min(desc.len() as usize);
+            let n = data.len().min(region.len as usize);
             if n == 0 {
                 continue;
             }
-            match data.get(..n).map(|d| mem.write_slice(d, desc.addr())) {
+            match data.get(..n).map(|d| mem.write_slice(d, region.addr)) {
                 Some(Ok(())) => written += n,
                 _ => {
                     bad = true;

@@ -7,6 +7,7 @@ use super::{
     TX_QUEUE,
 };
 use crate::rate_limiter::{RateLimit, RateLimiter};
+use crate::virtio::chain::{self, ChainError, Direction, Region, Rules};
 use crate::virtio::worker::{EventHandler, EventOps};
 use crate::virtio::{InterruptKind, VirtioInterrupt};
 use std::io;
@@ -15,7 +16,7 @@ use std::sync::Arc;
 use virtio_bindings::bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
 use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -25,52 +26,33 @@ const RX_TIMER_TOKEN: u64 = 1;
 const TX_TIMER_TOKEN: u64 = 2;
 const RESUME_TOKEN: u64 = 3;
 
-/// What is wrong with a descriptor chain.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ChainError {
-    WrongDirection,
-    OutsideMemory,
-    TooLong,
-    TooManyDescriptors,
-    TooShort,
-}
-
-/// Walks `chain`, collecting its buffers into `out`: all must go the direction `writable` says
-/// and lie inside guest memory. Returns their total length, at most [`MAX_PACKET`] for a
-/// readable chain (writable chains may be longer; the excess is not used).
+/// Collects `chain`'s buffers into `out` (the walker's rules for virtio-net): all in the
+/// direction `direction`, at most [`MAX_CHAIN_DESCS`] descriptors, inside guest memory, at most
+/// [`MAX_PACKET`] bytes for a transmit chain (receive chains may be longer; the excess is not
+/// used) and at least the header. Returns their total length.
 fn walk_chain<I>(
-    chain: I,
+    chain: impl IntoIterator<IntoIter = I>,
     mem: &GuestMemoryMmap,
-    writable: bool,
-    out: &mut Vec<(GuestAddress, u32)>,
+    direction: Direction,
+    out: &mut Vec<Region>,
 ) -> Result<usize, ChainError>
 where
     I: Iterator<Item = virtio_queue::desc::split::Descriptor>,
 {
-    let mut total: usize = 0;
-    for (n, desc) in chain.enumerate() {
-        if n >= MAX_CHAIN_DESCS {
-            return Err(ChainError::TooManyDescriptors);
-        }
-        if desc.is_write_only() != writable {
-            return Err(ChainError::WrongDirection);
-        }
-        let len = desc.len();
-        total = total.saturating_add(len as usize);
-        if !writable && total > MAX_PACKET {
-            return Err(ChainError::TooLong);
-        }
-        if !GuestMemoryBackend::check_range(mem, desc.addr(), len as usize) {
-            return Err(ChainError::OutsideMemory);
-        }
-        if len > 0 {
-            out.push((desc.addr(), len));
-        }
-    }
-    if total < NET_HDR_LEN {
+    let rules = Rules {
+        direction,
+        max_descriptors: MAX_CHAIN_DESCS,
+        max_len: match direction {
+            Direction::Read => MAX_PACKET as u64,
+            Direction::Write => u64::MAX,
+        },
+        memory: Some(mem),
+    };
+    let total = chain::collect(chain, rules, out)?;
+    if total < NET_HDR_LEN as u64 {
         return Err(ChainError::TooShort);
     }
-    Ok(total)
+    Ok(usize::try_from(total).unwrap_or(usize::MAX))
 }
 
 /// How a call of [`NetHandler::process_tx`] ended.
@@ -123,10 +105,10 @@ pub struct NetHandler {
     rx_buf: Vec<u8>,
     /// Length of the frame in `rx_buf` waiting for guest buffers.
     rx_pending: Option<usize>,
-    rx_descs: Vec<(GuestAddress, u32)>,
+    rx_descs: Vec<Region>,
     rx_chains: Vec<RxChain>,
     tx_buf: Vec<u8>,
-    tx_descs: Vec<(GuestAddress, u32)>,
+    tx_descs: Vec<Region>,
     // Worker-loop state.
     resume: Option<EventFd>,
     resume_rx: bool,
@@ -221,7 +203,8 @@ impl NetHandler {
                 budget -= 1;
                 let head = chain.head_index();
                 self.tx_descs.clear();
-                let total = match walk_chain(chain, &self.mem, false, &mut self.tx_descs) {
+                let total = match walk_chain(chain, &self.mem, Direction::Read, &mut self.tx_descs)
+                {
                     Ok(t) => t,
                     Err(e) => {
                         tracing::debug!(?e, "virtio-net: malformed transmit chain");
@@ -238,19 +221,10 @@ impl NetHandler {
                     self.tx.go_to_previous_position();
                     break 'outer TxStatus::RateLimited;
                 }
-                let mut off = 0usize;
-                let mut ok = true;
-                for &(addr, len) in &self.tx_descs {
-                    let Some(dst) = self.tx_buf.get_mut(off..off + len as usize) else {
-                        ok = false;
-                        break;
-                    };
-                    if self.mem.read_slice(dst, addr).is_err() {
-                        ok = false;
-                        break;
-                    }
-                    off += len as usize;
-                }
+                let ok = match self.tx_buf.get_mut(..total) {
+                    Some(frame) => chain::read_at(&self.mem, &self.tx_descs, 0, frame).is_ok(),
+                    None => false,
+                };
                 let sent = ok
                     && match self.tx_buf.get(..total) {
                         Some(frame) => match self.backend.write_frame(frame) {
@@ -397,7 +371,7 @@ impl NetHandler {
             *budget -= 1;
             let head = chain.head_index();
             let first = self.rx_descs.len();
-            match walk_chain(chain, &self.mem, true, &mut self.rx_descs) {
+            match walk_chain(chain, &self.mem, Direction::Write, &mut self.rx_descs) {
                 Ok(cap) => {
                     capacity = capacity.saturating_add(cap);
                     self.rx_chains.push(RxChain {
@@ -459,13 +433,13 @@ impl NetHandler {
         let mut failed = false;
         for c in &self.rx_chains {
             let mut written = 0usize;
-            for &(addr, dlen) in self.rx_descs.get(c.first..c.end).unwrap_or(&[]) {
+            for r in self.rx_descs.get(c.first..c.end).unwrap_or(&[]) {
                 if off >= len {
                     break;
                 }
-                let n = (dlen as usize).min(len - off);
+                let n = (r.len as usize).min(len - off);
                 let ok = match self.rx_buf.get(off..off + n) {
-                    Some(src) => self.mem.write_slice(src, addr).is_ok(),
+                    Some(src) => self.mem.write_slice(src, r.addr).is_ok(),
                     None => false,
                 };
                 if !ok {
