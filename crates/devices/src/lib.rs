@@ -9,6 +9,7 @@ pub mod bus;
 pub mod interrupt;
 pub mod legacy;
 pub mod rate_limiter;
+pub mod sync;
 pub mod tap;
 pub mod virtio;
 

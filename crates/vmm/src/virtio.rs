@@ -5,6 +5,7 @@
 use crate::boot::acpi::DsdtDevice;
 use crate::memory::VIRTIO_MMIO_START;
 use devices::virtio::{MmioTransport, VirtioDevice, MMIO_LEN, NOTIFY_OFFSET};
+use devices::sync::lock;
 use devices::{Bus, Interrupt};
 use kvm_ioctls::{IoEventAddress, VmFd};
 use std::os::fd::AsRawFd;
@@ -261,11 +262,7 @@ impl VirtioDevices {
                         };
                         // Reading resets the counter; several notifications fold into one.
                         let _ = notifier.evt.read();
-                        notifier
-                            .transport
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .notify(notifier.queue);
+                        lock(&notifier.transport).notify(notifier.queue);
                     }
                 }
             })?;

@@ -2,9 +2,10 @@
 //! inflate (discard pages), deflate (count them), statistics, free page reports.
 
 use super::{
-    lock, BalloonMetrics, BalloonQueue, BalloonStats, Shared, BALLOON_PAGE_SIZE,
-    MAX_CHAINS_PER_EVENT, MAX_PFN_BYTES, MAX_STATS_BYTES,
+    BalloonMetrics, BalloonQueue, BalloonStats, Shared, BALLOON_PAGE_SIZE, MAX_CHAINS_PER_EVENT,
+    MAX_PFN_BYTES, MAX_STATS_BYTES,
 };
+use crate::sync::lock;
 use crate::virtio::chain::{Direction, Rules, Walker};
 use crate::virtio::transport::NoInterrupt;
 use crate::virtio::worker::{EventHandler, EventOps};

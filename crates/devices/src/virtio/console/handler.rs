@@ -2,8 +2,9 @@
 //! and the synchronous queue processing it uses ([`process_transmit`], [`process_receive`], also
 //! the fuzzing entry points).
 
-use super::sink::{lock, Sink};
+use super::sink::Sink;
 use super::{ConsoleMetrics, INPUT_CHUNK, MAX_CHAINS_PER_EVENT, MAX_TX_CHAIN, RX, TX};
+use crate::sync::lock;
 use crate::virtio::chain::{Direction, Rules, Walker};
 use crate::virtio::worker::{EventHandler, EventOps};
 use crate::virtio::{InterruptKind, VirtioInterrupt};

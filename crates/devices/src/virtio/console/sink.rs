@@ -7,11 +7,6 @@ use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::Ordering;
-use std::sync::{Mutex, MutexGuard};
-
-pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// Appends `data` to `q`, keeping at most `cap` bytes (the newest); returns how many were dropped.
 pub(super) fn push_bounded(q: &mut VecDeque<u8>, data: &[u8], cap: usize) -> usize {
