@@ -4,8 +4,8 @@
 
 use crate::boot::acpi::DsdtDevice;
 use crate::memory::VIRTIO_MMIO_START;
-use devices::virtio::{MmioTransport, VirtioDevice, MMIO_LEN, NOTIFY_OFFSET};
 use devices::sync::lock;
+use devices::virtio::{MmioTransport, VirtioDevice, MMIO_LEN, NOTIFY_OFFSET};
 use devices::{Bus, Interrupt};
 use kvm_ioctls::{IoEventAddress, VmFd};
 use std::os::fd::AsRawFd;

@@ -8,7 +8,7 @@ use crate::sync::lock;
 use crate::virtio::chain::{Direction, Rules, Walker};
 use crate::virtio::worker::{EventHandler, EventOps};
 use crate::virtio::{InterruptKind, VirtioInterrupt};
-use std::io::{self, Read};
+use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -182,7 +182,8 @@ impl ConsoleHandler {
             &self.metrics,
         );
         if let Sink::Socket(s) = &mut *sink {
-            s.flush(&self.metrics);
+            s.console.flush();
+            s.count(&self.metrics);
         }
         if notify {
             self.signal(TX);
@@ -213,28 +214,8 @@ impl ConsoleHandler {
         let Sink::Socket(s) = &mut *sink else {
             return;
         };
-        if s.client.is_some() {
-            return;
-        }
-        match s.listener.accept() {
-            Ok((c, _)) => {
-                if let Err(e) = c.set_nonblocking(true) {
-                    tracing::warn!("console client: {e}");
-                    self.metrics.error();
-                    return;
-                }
-                tracing::debug!("console client connected");
-                s.client = Some(c);
-                s.pending_out = s.history.clone();
-                s.flush(&self.metrics);
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                tracing::warn!("console socket accept: {e}");
-                self.metrics.error();
-            }
-        }
+        s.console.accept();
+        s.count(&self.metrics);
     }
 
     fn client_event(&mut self, events: EventSet) {
@@ -244,39 +225,25 @@ impl ConsoleHandler {
                 return;
             };
             if events.contains(EventSet::ERROR) {
-                s.disconnect();
+                s.console.hang_up();
                 return;
             }
             if events.contains(EventSet::OUT) {
-                s.flush(&self.metrics);
+                s.console.flush();
             }
             let readable =
                 events.intersects(EventSet::IN | EventSet::READ_HANG_UP | EventSet::HANG_UP);
             if readable && s.pending_in.is_empty() {
-                let Some(c) = s.client.as_mut() else {
-                    return;
-                };
                 let mut buf = [0u8; INPUT_CHUNK];
-                match c.read(&mut buf) {
-                    Ok(0) => s.disconnect(),
-                    Ok(n) => s
-                        .pending_in
-                        .extend_from_slice(buf.get(..n).unwrap_or_default()),
-                    Err(e)
-                        if matches!(
-                            e.kind(),
-                            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                        ) => {}
-                    Err(e) => {
-                        tracing::debug!("console client read: {e}");
-                        s.disconnect();
-                    }
-                }
+                let n = s.console.read_input(&mut buf);
+                s.pending_in
+                    .extend_from_slice(buf.get(..n).unwrap_or_default());
             } else if events.contains(EventSet::HANG_UP) && !events.contains(EventSet::OUT) {
                 // Hung up while its input still waits for guest buffers: nothing more to do
                 // with it.
-                s.disconnect();
+                s.console.hang_up();
             }
+            s.count(&self.metrics);
         }
         self.receive();
     }
@@ -288,9 +255,9 @@ impl ConsoleHandler {
         let Sink::Socket(s) = &*sink else {
             return;
         };
-        let want_listener = s.client.is_none();
+        let want_listener = !s.console.has_client();
         if want_listener != self.listener_watched {
-            let fd = s.listener.as_raw_fd();
+            let fd = s.console.listener_fd();
             let r = if want_listener {
                 ops.add(fd, LISTENER_TOKEN, EventSet::IN)
             } else {
@@ -301,15 +268,15 @@ impl ConsoleHandler {
                 Err(e) => tracing::warn!("console listener epoll: {e}"),
             }
         }
-        let want_client = s.client.as_ref().and_then(|c| {
+        let want_client = s.console.client_fd().and_then(|fd| {
             let mut ev = EventSet::empty();
             if s.pending_in.is_empty() {
                 ev |= EventSet::IN | EventSet::READ_HANG_UP;
             }
-            if !s.pending_out.is_empty() {
+            if s.console.has_pending_output() {
                 ev |= EventSet::OUT;
             }
-            (!ev.is_empty()).then_some((c.as_raw_fd(), ev))
+            (!ev.is_empty()).then_some((fd, ev))
         });
         let r = match (self.client_watched, want_client) {
             (None, None) => Ok(()),
@@ -320,8 +287,8 @@ impl ConsoleHandler {
             (None, Some((fd, ev))) => ops.add(fd, CLIENT_TOKEN, ev),
             (Some(_), Some((fd, ev))) => ops.modify(fd, CLIENT_TOKEN, ev),
             // The client was dropped (closing it left the epoll set) or has nothing to do.
-            (Some(_), None) => match s.client.as_ref() {
-                Some(c) => ops.remove(c.as_raw_fd()),
+            (Some(_), None) => match s.console.client_fd() {
+                Some(fd) => ops.remove(fd),
                 None => Ok(()),
             },
         };

@@ -2,10 +2,12 @@
 //!
 //! Guest output (transmitq) goes to a [`ConsoleBackend`]: nowhere, a file, or the client of a
 //! listening Unix socket. Input from that client goes into the guest's receiveq buffers; when the
-//! guest has none, the device stops reading the socket until it adds some. The socket serves one
-//! client at a time (others wait in the listen backlog); a new client first gets the last
-//! [`SCROLLBACK`] bytes of output. The backend (file, listener, connected client, scrollback)
-//! lives as long as the device, so a guest reboot (device reset) does not drop the client.
+//! guest has none, the device stops reading the socket until it adds some. The socket is a
+//! [`SocketConsole`](crate::console_socket::SocketConsole), as COM1's: one client at a time, a
+//! new client first gets the last [`SCROLLBACK`] bytes of output, output never blocks and a
+//! client that stops reading is hung up on (see [`crate::console_socket`]). The backend (file,
+//! listener, connected client, scrollback) lives as long as the device, so a guest reboot
+//! (device reset) does not drop the client.
 //!
 //! Layout: this file is the device (backend set-up, configuration space, activation); the
 //! queue processing and the socket's events on the worker thread are in `handler.rs`, the
@@ -22,12 +24,11 @@ pub use metrics::ConsoleMetrics;
 
 use super::worker::Worker;
 use super::{Metrics, VirtioDevice, VirtioError, VirtioInterrupt, VIRTIO_F_VERSION_1};
+use crate::console_socket::{self, SocketConsole};
 use handler::ConsoleHandler;
 use sink::{Sink, SocketSink};
-use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
-use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use virtio_queue::Queue;
@@ -45,9 +46,9 @@ pub const ROWS: u16 = 25;
 /// Queue size offered (both queues).
 pub const QUEUE_SIZE: u16 = 256;
 /// Output kept for (and replayed to) a newly connected socket client.
-pub const SCROLLBACK: usize = 64 * 1024;
+pub const SCROLLBACK: usize = console_socket::BACKLOG;
 /// Most output buffered for a slow socket client; older output beyond it is dropped.
-pub const MAX_PENDING_OUTPUT: usize = 64 * 1024;
+pub const MAX_PENDING_OUTPUT: usize = console_socket::MAX_PENDING;
 /// Most input read from the socket client before the guest has taken it.
 pub const INPUT_CHUNK: usize = 4096;
 /// Most chains served per queue per wake-up (the rest on a later pass).
@@ -131,13 +132,10 @@ impl Console {
                 }
             }
             ConsoleBackend::Socket(path) => {
-                let listener = bind(&path)?;
+                let console = bind(&path)?;
                 socket_path = Some(SocketPath(path));
                 Sink::Socket(SocketSink {
-                    listener,
-                    client: None,
-                    history: VecDeque::new(),
-                    pending_out: VecDeque::new(),
+                    console,
                     pending_in: Vec::new(),
                 })
             }
@@ -156,24 +154,16 @@ impl Console {
     }
 }
 
-fn bind(path: &Path) -> Result<UnixListener, ConsoleError> {
+fn bind(path: &Path) -> Result<SocketConsole, ConsoleError> {
     if path.symlink_metadata().is_ok() {
         return Err(ConsoleError::SocketExists {
             path: path.to_path_buf(),
         });
     }
-    let listener = UnixListener::bind(path).map_err(|source| ConsoleError::Bind {
+    SocketConsole::bind(path).map_err(|source| ConsoleError::Bind {
         path: path.to_path_buf(),
         source,
-    })?;
-    if let Err(source) = listener.set_nonblocking(true) {
-        let _ = std::fs::remove_file(path);
-        return Err(ConsoleError::Bind {
-            path: path.to_path_buf(),
-            source,
-        });
-    }
-    Ok(listener)
+    })
 }
 
 impl VirtioDevice for Console {
