@@ -914,10 +914,8 @@ fn console_on_a_terminal_restores_it_when_killed() {
     let (mut child, mut stdout) = console_on_pty(&fake, &pty);
     assert_eq!(read_exactly(&mut stdout, 7), "guest> ");
     // SAFETY: kill has no memory effects.
-    assert_eq!(
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) },
-        0
-    );
+    let r = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    assert_eq!(r, 0);
     child.stdout = Some(stdout.into_inner());
     let out = wait_with_timeout(child, T);
     assert_eq!(out.code(), 128 + libc::SIGTERM, "{out:?}");

@@ -4,10 +4,9 @@
 #![no_main]
 
 use devices::virtio::rng::Rng;
-use devices::virtio::{MmioTransport, VirtioInterrupt};
+use devices::virtio::MmioTransport;
 use devices::{BusDevice, Interrupt};
 use libfuzzer_sys::fuzz_target;
-use std::sync::Arc;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const MEM: usize = 64 * 1024;
@@ -19,8 +18,7 @@ fuzz_target!(|data: &[u8]| {
     let (mem_bytes, ops) = data.split_at(split);
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
     let _ = mem.write_slice(&mem_bytes[..mem_bytes.len().min(MEM)], GuestAddress(0));
-    let irq = Arc::new(VirtioInterrupt::new(Interrupt::new().unwrap()));
-    let mut t = MmioTransport::new(Box::new(Rng::new()), mem, irq);
+    let mut t = MmioTransport::new(Box::new(Rng::new()), mem, Interrupt::new().unwrap());
     for op in ops.chunks_exact(7) {
         let offset = u64::from(u16::from_le_bytes([op[1], op[2]])) % 0x1100;
         let value = [op[3], op[4], op[5], op[6]];

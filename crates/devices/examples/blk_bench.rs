@@ -30,7 +30,8 @@
 
 use devices::rate_limiter::RateLimit;
 use devices::virtio::block::{Block, BlockConfig, IoEngine, RequestProcessor, QUEUE_SIZE};
-use devices::virtio::{VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
+use devices::virtio::transport::mmio::INT_VRING;
+use devices::virtio::{MmioInterrupt, VirtioDevice, VIRTIO_F_VERSION_1};
 use devices::Interrupt;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -311,7 +312,7 @@ fn run_model(
                 IoEngine::Sync
             };
             let mut b = Block::new(config(image, engine)).expect("image opens");
-            let irq = Arc::new(VirtioInterrupt::new(Interrupt::new().expect("eventfd")));
+            let irq = Arc::new(MmioInterrupt::new(Interrupt::new().expect("eventfd")));
             let features = VIRTIO_F_VERSION_1 | INDIRECT_DESC_FEATURE;
             b.activate(d.mem.clone(), features, vec![d.queue()], irq.clone())
                 .expect("activation");
@@ -331,7 +332,7 @@ fn run_model(
                     let r = unsafe { libc::poll(&mut pfd, 1, 10_000) };
                     assert!(r > 0, "no interrupt within 10 s");
                     let _ = irq.line().eventfd().read();
-                    irq.ack(devices::virtio::INT_VRING);
+                    irq.ack(INT_VRING);
                 }
                 total += t.elapsed();
                 d.check(chunk.len());

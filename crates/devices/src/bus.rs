@@ -1,7 +1,8 @@
 //! Port-I/O and MMIO buses: address ranges mapped to devices.
 
+use crate::sync::lock;
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 /// A device on a bus. Offsets are relative to the base of the range the device was inserted at.
 ///
@@ -48,11 +49,6 @@ struct Entry {
 #[derive(Default)]
 pub struct Bus {
     entries: BTreeMap<u64, Entry>,
-}
-
-fn lock(dev: &SharedDevice) -> MutexGuard<'_, dyn BusDevice + 'static> {
-    // A device that panicked while holding its lock is still the best state we have; keep going.
-    dev.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Bus {

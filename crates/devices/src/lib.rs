@@ -6,9 +6,12 @@
 #![deny(missing_docs)]
 
 pub mod bus;
+pub mod console_socket;
 pub mod interrupt;
 pub mod legacy;
 pub mod rate_limiter;
+pub mod sync;
+mod sys;
 pub mod tap;
 pub mod virtio;
 

@@ -3,14 +3,16 @@
 use crate::event::VmEvent;
 use crate::terminal::{is_tty, RawModeGuard};
 use config::SerialConfig;
+use devices::console_socket::{self, SocketConsole};
 use devices::legacy::Serial;
+use devices::sync::lock;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Ctrl-A: the console escape key on a terminal (`Ctrl-A x` quits, `Ctrl-A c` sends a Ctrl-C to
 /// the guest, `Ctrl-A Ctrl-A` sends a Ctrl-A).
@@ -18,52 +20,13 @@ pub const ESCAPE: u8 = 0x01;
 /// Ctrl-C: on a terminal it stops the VM, like SIGINT would in cooked mode.
 pub const CTRL_C: u8 = 0x03;
 
-/// Output kept while no socket client is connected (the guest's early boot messages, for the
-/// first client, e.g. the host daemon's console hub).
-pub const SOCKET_BACKLOG: usize = 64 * 1024;
+/// Output kept for socket clients: the last 64 KiB, replayed to every new client (the guest's
+/// boot messages for the first one, e.g. the host daemon's console hub). The socket backend is a
+/// [`SocketConsole`], as virtio-console's: see [`devices::console_socket`] for its behaviour
+/// (output never blocks a vCPU, a client that stops reading is hung up on).
+pub const SOCKET_BACKLOG: usize = console_socket::BACKLOG;
 
-/// How long a write to a socket client may block before the client is dropped (a client that
-/// stops reading must not stall the vCPU writing to the UART).
-const SOCKET_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// The socket backend's client and the output kept while there is none.
-#[derive(Default)]
-struct SocketOut {
-    client: Option<UnixStream>,
-    backlog: std::collections::VecDeque<u8>,
-}
-
-impl SocketOut {
-    fn keep(&mut self, buf: &[u8]) {
-        self.backlog.extend(buf.iter().copied());
-        let excess = self.backlog.len().saturating_sub(SOCKET_BACKLOG);
-        self.backlog.drain(..excess);
-    }
-
-    /// A new client: it gets the backlog first.
-    fn connect(&mut self, mut client: UnixStream) {
-        let _ = client.set_write_timeout(Some(SOCKET_WRITE_TIMEOUT));
-        let (a, b) = self.backlog.as_slices();
-        if client
-            .write_all(a)
-            .and_then(|_| client.write_all(b))
-            .is_ok()
-        {
-            self.backlog.clear();
-            self.client = Some(client);
-        } else {
-            hang_up(&client);
-        }
-    }
-}
-
-/// Ends a socket client's connection both ways: the thread reading its input sees the end (it
-/// holds a clone of the socket, so dropping ours would not close it) and so does the client.
-fn hang_up(stream: &UnixStream) {
-    let _ = stream.shutdown(std::net::Shutdown::Both);
-}
-
-type SharedStream = Arc<Mutex<SocketOut>>;
+type SharedStream = Arc<Mutex<SocketConsole>>;
 
 /// The output half, handed to the UART.
 enum Output {
@@ -83,20 +46,11 @@ impl Write for Output {
             }
             Output::File(f) => f.write_all(buf)?,
             Output::Socket(s) => {
-                let mut guard = s.lock().unwrap_or_else(|e| e.into_inner());
-                let sent = match guard.client.as_mut() {
-                    Some(stream) => stream.write_all(buf).is_ok(),
-                    None => false,
-                };
-                if !sent {
-                    // No client, or it went away (or stopped reading): keep the output for
-                    // the next one. A client that stopped reading is hung up on, so that it
-                    // sees the end (and may connect again) and the listener accepts the next.
-                    if let Some(stream) = guard.client.take() {
-                        hang_up(&stream);
-                    }
-                    guard.keep(buf);
-                }
+                // Never blocks: what the client's socket does not take waits for the
+                // socket thread (woken through the console's wake event).
+                let mut console = lock(s);
+                console.output(buf);
+                console.flush();
             }
             Output::Null => {}
         }
@@ -112,8 +66,8 @@ impl Write for Output {
 pub struct Console {
     config: SerialConfig,
     output: Option<Output>,
-    listener: Option<UnixListener>,
-    socket_stream: SharedStream,
+    /// The socket backend and the event that wakes its thread.
+    socket: Option<(SharedStream, EventFd)>,
     raw: Option<RawModeGuard>,
     socket_path: Option<PathBuf>,
 }
@@ -145,8 +99,7 @@ impl Console {
         let mut c = Console {
             config: config.clone(),
             output: None,
-            listener: None,
-            socket_stream: Arc::new(Mutex::new(SocketOut::default())),
+            socket: None,
             raw: None,
             socket_path: None,
         };
@@ -164,13 +117,18 @@ impl Console {
                     })?,
             ),
             SerialConfig::Socket(path) => {
-                let l = UnixListener::bind(path).map_err(|source| ConsoleError::Socket {
+                let err = |source| ConsoleError::Socket {
                     path: path.clone(),
                     source,
-                })?;
+                };
+                let wake = EventFd::new(EFD_NONBLOCK).map_err(err)?;
+                let thread_wake = wake.try_clone().map_err(err)?;
+                let mut console = SocketConsole::bind(path).map_err(err)?;
                 c.socket_path = Some(path.clone());
-                c.listener = Some(l);
-                Output::Socket(c.socket_stream.clone())
+                console.set_wake(wake);
+                let console = Arc::new(Mutex::new(console));
+                c.socket = Some((console.clone(), thread_wake));
+                Output::Socket(console)
             }
         });
         Ok(c)
@@ -206,22 +164,9 @@ impl Console {
                 })?;
             }
             SerialConfig::Socket(_) => {
-                if let Some(listener) = self.listener.take() {
-                    let shared = self.socket_stream.clone();
+                if let Some((console, wake)) = self.socket.take() {
                     spawn("fv-serial-sock", move || {
-                        for client in listener.incoming() {
-                            let Ok(client) = client else { continue };
-                            let Ok(reader) = client.try_clone() else {
-                                continue;
-                            };
-                            shared
-                                .lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .connect(client);
-                            // One client at a time: serve it until it hangs up.
-                            pump(reader, &serial, None);
-                            shared.lock().unwrap_or_else(|e| e.into_inner()).client = None;
-                        }
+                        serve_socket(&console, &wake, &serial)
                     })?;
                 }
             }
@@ -245,6 +190,35 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> io::Result<()> {
         .name(name.into())
         .spawn(f)
         .map(|_| ())
+}
+
+/// The socket backend's thread: accepts clients (one at a time), sends the output vCPUs left
+/// queued when a client's socket was full, and feeds the client's input into the UART's receive
+/// FIFO, waiting for room there (the client's further input waits in its socket meanwhile).
+fn serve_socket(console: &Mutex<SocketConsole>, wake: &EventFd, serial: &Mutex<Serial>) {
+    let mut buf = [0u8; 256];
+    let mut input: Vec<u8> = Vec::new();
+    loop {
+        if !input.is_empty() {
+            let k = lock(serial).enqueue_input(&input).unwrap_or(0);
+            input.drain(..k.min(input.len()));
+        }
+        let waiting = !input.is_empty();
+        // The guest reading the FIFO raises no event: while it is full, look again every 2 ms.
+        let timeout = waiting.then_some(Duration::from_millis(2));
+        if let Err(e) = console_socket::wait(console, wake, !waiting, timeout) {
+            tracing::warn!("serial socket: {e}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // Never the UART's lock while holding the console's: a vCPU takes them the other way.
+        let mut c = lock(console);
+        c.accept();
+        c.flush();
+        if !waiting {
+            let n = c.read_input(&mut buf);
+            input.extend_from_slice(buf.get(..n).unwrap_or_default());
+        }
+    }
 }
 
 /// Copies `input` into the UART's receive FIFO, waiting for room when it is full. With

@@ -4,7 +4,8 @@
 
 use crate::boot::acpi::DsdtDevice;
 use crate::memory::VIRTIO_MMIO_START;
-use devices::virtio::{MmioTransport, VirtioDevice, VirtioInterrupt, MMIO_LEN, NOTIFY_OFFSET};
+use devices::sync::lock;
+use devices::virtio::{MmioTransport, VirtioDevice, MMIO_LEN, NOTIFY_OFFSET};
 use devices::{Bus, Interrupt};
 use kvm_ioctls::{IoEventAddress, VmFd};
 use std::os::fd::AsRawFd;
@@ -176,8 +177,7 @@ pub fn attach(
         let line = Interrupt::new().map_err(|e| VirtioSetupError::Setup(e.to_string()))?;
         vm.register_irqfd(line.eventfd(), gsi)
             .map_err(err("KVM_IRQFD"))?;
-        let interrupt = Arc::new(VirtioInterrupt::new(line));
-        let transport = MmioTransport::new(device, mem.clone(), interrupt);
+        let transport = MmioTransport::new(device, mem.clone(), line);
         let queues = transport.num_queues() as u32;
         let transport = Arc::new(Mutex::new(transport));
         mmio.insert(transport.clone(), base, MMIO_LEN)
@@ -269,11 +269,7 @@ impl VirtioDevices {
                         };
                         // Reading resets the counter; several notifications fold into one.
                         let _ = notifier.evt.read();
-                        notifier
-                            .transport
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .notify(notifier.queue);
+                        lock(&notifier.transport).notify(notifier.queue);
                     }
                 }
             })?;

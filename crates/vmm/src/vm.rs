@@ -311,7 +311,7 @@ impl Vm {
         let mut exits = ExitCounts::default();
         let mut vcpus = Vec::new();
         for (handle, stats) in running.threads {
-            exits.add(&stats.snapshot());
+            exits.add(&stats.counters());
             if let Ok(v) = handle.join() {
                 tracing::debug!("vCPU {} at exit:\n{}", v.id(), v.registers());
                 vcpus.push(v);
@@ -361,7 +361,7 @@ KVM is PVM and the kernel is not PVM-aware",
             match self.events_rx.recv_timeout(limit) {
                 Ok(ev) => return Some(ev),
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                    let exits: u64 = threads.iter().map(|(_, s)| s.snapshot().total()).sum();
+                    let exits: u64 = threads.iter().map(|(_, s)| s.counters().total()).sum();
                     if exits == 0 {
                         return None;
                     }
@@ -484,7 +484,7 @@ resume it first, or stop it"
             .zip(0u32..)
             .map(|((_, s), vcpu)| api::VcpuStats {
                 vcpu,
-                exits: exit_counters(&s.snapshot()),
+                exits: exit_counters(&s.counters()),
                 cpu_time_ms: None,
             })
             .collect();
@@ -498,7 +498,7 @@ resume it first, or stop it"
                     .metrics
                     .as_ref()
                     .map(|m| {
-                        m.snapshot()
+                        m.counters()
                             .into_iter()
                             .map(|(k, v)| (k.to_string(), v))
                             .collect()

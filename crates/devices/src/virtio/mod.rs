@@ -1,73 +1,30 @@
-//! Virtio devices and their transport (virtio-mmio, virtio 1.x only).
+//! Virtio devices and their transports (virtio 1.x only).
 //!
-//! A [`VirtioDevice`] knows its type, features, queues and config space; the [`MmioTransport`]
-//! drives it the way the virtio-mmio specification says a driver-facing register block behaves.
-//! Devices never see KVM: they get guest memory, their queues and a [`VirtioInterrupt`].
+//! A [`VirtioDevice`] knows its type, features, queues and config space; a transport (in
+//! [`transport`]: today the [`MmioTransport`]) drives it the way its specification says a
+//! driver-facing register block behaves. Devices never see KVM nor their transport: they get
+//! guest memory, their queues and an `Arc<dyn VirtioInterrupt>`.
 
 pub mod balloon;
 pub mod block;
+pub mod chain;
 pub mod console;
-mod mmio;
 pub mod net;
 pub mod rng;
+pub mod transport;
 pub mod vsock;
 pub mod worker;
 
-pub use mmio::{MmioTransport, MMIO_LEN, NOTIFY_OFFSET};
+pub use transport::{
+    InterruptKind, MmioInterrupt, MmioTransport, VirtioInterrupt, MMIO_LEN, NOTIFY_OFFSET,
+};
 
-use crate::Interrupt;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 /// Feature bit: a virtio 1.x device (the only kind offered).
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
-
-/// InterruptStatus bit: a used buffer was returned.
-pub const INT_VRING: u32 = 1;
-/// InterruptStatus bit: the configuration changed (or the device needs a reset).
-pub const INT_CONFIG: u32 = 2;
-
-/// The interrupt line of one virtio-mmio device with its InterruptStatus register.
-#[derive(Debug)]
-pub struct VirtioInterrupt {
-    status: AtomicU32,
-    line: Interrupt,
-}
-
-impl VirtioInterrupt {
-    /// Wraps `line`.
-    pub fn new(line: Interrupt) -> Self {
-        VirtioInterrupt {
-            status: AtomicU32::new(0),
-            line,
-        }
-    }
-
-    /// Sets `bits` in InterruptStatus and raises the line.
-    pub fn signal(&self, bits: u32) {
-        self.status.fetch_or(bits, Ordering::SeqCst);
-        if let Err(e) = self.line.trigger() {
-            tracing::warn!("virtio interrupt: {e}");
-        }
-    }
-
-    /// Current InterruptStatus.
-    pub fn status(&self) -> u32 {
-        self.status.load(Ordering::SeqCst)
-    }
-
-    /// InterruptACK: clears `bits`.
-    pub fn ack(&self, bits: u32) {
-        self.status.fetch_and(!bits, Ordering::SeqCst);
-    }
-
-    /// The line itself (to register as an irqfd).
-    pub fn line(&self) -> &Interrupt {
-        &self.line
-    }
-}
 
 /// Why a device could not handle a request or activation.
 #[derive(Debug, thiserror::Error)]
@@ -121,7 +78,7 @@ pub trait VirtioDevice: Send {
         mem: GuestMemoryMmap,
         features: u64,
         queues: Vec<Queue>,
-        interrupt: Arc<VirtioInterrupt>,
+        interrupt: Arc<dyn VirtioInterrupt>,
     ) -> Result<(), VirtioError>;
     /// The driver notified queue `index` (only after a successful activation).
     fn queue_notify(&mut self, index: usize);
@@ -136,7 +93,7 @@ pub trait VirtioDevice: Send {
 /// A device's counters, read by the monitoring side while the device runs.
 pub trait Metrics: Send + Sync {
     /// Every counter, by name (`requests`, `read_bytes`, `errors`, `rate_limited`, …).
-    fn snapshot(&self) -> Vec<(&'static str, u64)>;
+    fn counters(&self) -> Vec<(&'static str, u64)>;
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! virtio-rng: an entropy source fed from the host's `getrandom`.
 
-use super::{VirtioDevice, VirtioError, VirtioInterrupt, INT_VRING, VIRTIO_F_VERSION_1};
+use super::chain::{Direction, Rules, Walker};
+use super::{InterruptKind, VirtioDevice, VirtioError, VirtioInterrupt, VIRTIO_F_VERSION_1};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use virtio_queue::{Queue, QueueT};
@@ -25,7 +26,7 @@ pub struct RngMetrics {
 }
 
 impl super::Metrics for RngMetrics {
-    fn snapshot(&self) -> Vec<(&'static str, u64)> {
+    fn counters(&self) -> Vec<(&'static str, u64)> {
         vec![
             ("requests", self.requests.load(Ordering::Relaxed)),
             ("bytes", self.bytes.load(Ordering::Relaxed)),
@@ -37,7 +38,7 @@ impl super::Metrics for RngMetrics {
 struct Active {
     mem: GuestMemoryMmap,
     queue: Queue,
-    interrupt: Arc<VirtioInterrupt>,
+    interrupt: Arc<dyn VirtioInterrupt>,
 }
 
 /// The device.
@@ -78,13 +79,14 @@ impl Rng {
             let mut written: u32 = 0;
             let mut bad = false;
             let mut writable = 0;
-            for desc in chain {
-                if !desc.is_write_only() {
+            for item in Walker::new(chain, Rules::direction(Direction::Write)) {
+                // Device-readable buffers have nothing to fill.
+                let Ok(region) = item else {
                     continue;
-                }
+                };
                 writable += 1;
-                let mut left = (desc.len() as usize).min(MAX_REQUEST - written as usize);
-                let mut addr = desc.addr();
+                let mut left = (region.len as usize).min(MAX_REQUEST - written as usize);
+                let mut addr = region.addr;
                 while left > 0 {
                     let n = left.min(buf.len());
                     if fill_random(&mut buf[..n]).is_err() {
@@ -123,7 +125,9 @@ impl Rng {
             done += 1;
         }
         if done > 0 && a.queue.needs_notification(&a.mem).unwrap_or(true) {
-            a.interrupt.signal(INT_VRING);
+            if let Err(e) = a.interrupt.trigger(InterruptKind::Queue(0)) {
+                tracing::warn!("virtio-rng interrupt: {e}");
+            }
         }
         done
     }
@@ -164,7 +168,7 @@ impl VirtioDevice for Rng {
         mem: GuestMemoryMmap,
         _features: u64,
         queues: Vec<Queue>,
-        interrupt: Arc<VirtioInterrupt>,
+        interrupt: Arc<dyn VirtioInterrupt>,
     ) -> Result<(), VirtioError> {
         let [queue] = super::ready_queues::<1>(queues)?;
         self.active = Some(Active {

@@ -2,7 +2,8 @@
 //! A test-only virtio driver: brings a device up through the real MMIO transport and feeds its
 //! split virtqueues in guest memory the way Linux's driver would. Shared by every device's tests.
 
-use super::{MmioTransport, VirtioDevice, VirtioInterrupt};
+use super::transport::{MmioInterrupt, MmioTransport};
+use super::VirtioDevice;
 use crate::{BusDevice, Interrupt};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -58,8 +59,8 @@ pub struct TestDriver {
     pub mem: GuestMemoryMmap,
     /// The transport under test.
     pub t: MmioTransport,
-    /// Its interrupt.
-    pub irq: Arc<VirtioInterrupt>,
+    /// Its interrupt (line and InterruptStatus register).
+    pub irq: Arc<MmioInterrupt>,
     /// Queue size used for every queue.
     pub qsize: u16,
     avail_idx: Vec<u16>,
@@ -70,9 +71,9 @@ impl TestDriver {
     /// A driver for `device` in fresh guest memory.
     pub fn new(device: Box<dyn VirtioDevice>) -> TestDriver {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
-        let irq = Arc::new(VirtioInterrupt::new(Interrupt::new().unwrap()));
         let n = device.queue_max_sizes().len();
-        let t = MmioTransport::new(device, mem.clone(), irq.clone());
+        let t = MmioTransport::new(device, mem.clone(), Interrupt::new().unwrap());
+        let irq = t.interrupt().clone();
         TestDriver {
             mem,
             t,

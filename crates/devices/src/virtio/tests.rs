@@ -2,8 +2,10 @@
 //! driver would — including the malformed cases a hostile guest can produce.
 
 use super::rng::{Rng, RngMetrics};
+use super::transport::mmio::{INT_CONFIG, INT_VRING};
 use super::*;
 use crate::BusDevice;
+use crate::Interrupt;
 use std::sync::atomic::Ordering;
 use vm_memory::{Address, Bytes, GuestAddress};
 
@@ -17,7 +19,7 @@ const VRING_DESC_F_WRITE: u16 = 2;
 struct Driver {
     mem: GuestMemoryMmap,
     t: MmioTransport,
-    irq: Arc<VirtioInterrupt>,
+    irq: Arc<MmioInterrupt>,
     metrics: Arc<RngMetrics>,
     avail_idx: u16,
 }
@@ -35,10 +37,10 @@ fn r(t: &mut MmioTransport, off: u64) -> u32 {
 impl Driver {
     fn new() -> Driver {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let irq = Arc::new(VirtioInterrupt::new(Interrupt::new().unwrap()));
         let rng = Rng::new();
         let metrics = rng.metrics();
-        let t = MmioTransport::new(Box::new(rng), mem.clone(), irq.clone());
+        let t = MmioTransport::new(Box::new(rng), mem.clone(), Interrupt::new().unwrap());
+        let irq = t.interrupt().clone();
         Driver {
             mem,
             t,

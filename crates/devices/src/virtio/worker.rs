@@ -66,16 +66,21 @@ pub trait EventHandler: Send + 'static {
     }
 }
 
-/// The running worker thread of one activated device.
-pub struct Worker {
+/// The running worker thread of one activated device, which owns the device's [`EventHandler`]
+/// (its queues and whatever is in flight) while it runs.
+///
+/// [`Worker::stop`] ends the thread and hands the handler back, as a vCPU thread hands back its
+/// `Vcpu`: a reset drops it (the queues go with it), a pause for a snapshot will keep it and
+/// save its state. Dropping a `Worker` stops it too (and drops the handler).
+pub struct Worker<H: EventHandler> {
     stop: EventFd,
     queues: Vec<EventFd>,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<JoinHandle<H>>,
 }
 
-impl Worker {
+impl<H: EventHandler> Worker<H> {
     /// Starts `handler` on a thread named `name` that watches `queues` notification events.
-    pub fn spawn<H: EventHandler>(name: &str, queues: usize, mut handler: H) -> io::Result<Worker> {
+    pub fn spawn(name: &str, queues: usize, mut handler: H) -> io::Result<Worker<H>> {
         let stop = EventFd::new(EFD_NONBLOCK)?;
         let evts = (0..queues)
             .map(|_| EventFd::new(EFD_NONBLOCK))
@@ -98,38 +103,8 @@ impl Worker {
         let thread = std::thread::Builder::new()
             .name(name.to_string())
             .spawn(move || {
-                let mut ops = EventOps { epoll: &epoll };
-                if let Err(e) = handler.init(&mut ops) {
-                    tracing::error!("device worker start-up: {e}");
-                    return;
-                }
-                let mut events = vec![EpollEvent::default(); 64];
-                loop {
-                    let n = match epoll.wait(-1, &mut events) {
-                        Ok(n) => n,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                        Err(e) => {
-                            tracing::error!("device worker: epoll: {e}");
-                            return;
-                        }
-                    };
-                    for ev in &events[..n] {
-                        let token = ev.data();
-                        let mut ops = EventOps { epoll: &epoll };
-                        if token == STOP_TOKEN {
-                            return;
-                        } else if token >= RESERVED_TOKENS {
-                            let q = (token - RESERVED_TOKENS) as usize;
-                            if let Some(e) = thread_evts.get(q) {
-                                // Reading resets the counter: several notifications fold into one.
-                                let _ = e.read();
-                                handler.queue_event(q, &mut ops);
-                            }
-                        } else {
-                            handler.host_event(token, ev.event_set(), &mut ops);
-                        }
-                    }
-                }
+                run(&epoll, &thread_evts, &mut handler);
+                handler
             })?;
         Ok(Worker {
             stop,
@@ -147,24 +122,65 @@ impl Worker {
         }
     }
 
-    /// Stops the thread and waits for it (what a device reset does).
-    pub fn stop(mut self) {
-        self.shutdown();
+    /// Stops the thread, waits for it and returns the handler as the thread left it (between
+    /// two events: nothing half-done). `None` only when the handler panicked (it is gone then;
+    /// the panic is logged).
+    pub fn stop(mut self) -> Option<H> {
+        self.shutdown()
     }
 
-    fn shutdown(&mut self) {
+    fn shutdown(&mut self) -> Option<H> {
         let _ = self.stop.write(1);
-        if let Some(t) = self.thread.take() {
-            if t.join().is_err() {
+        match self.thread.take()?.join() {
+            Ok(handler) => Some(handler),
+            Err(_) => {
                 tracing::error!("device worker panicked");
+                None
             }
         }
     }
 }
 
-impl Drop for Worker {
+impl<H: EventHandler> Drop for Worker<H> {
     fn drop(&mut self) {
-        self.shutdown();
+        // The handler goes with the worker.
+        drop(self.shutdown());
+    }
+}
+
+/// The worker thread's loop: `init`, then events until the stop event (or a failure, logged).
+fn run<H: EventHandler>(epoll: &Epoll, queue_evts: &[EventFd], handler: &mut H) {
+    let mut ops = EventOps { epoll };
+    if let Err(e) = handler.init(&mut ops) {
+        tracing::error!("device worker start-up: {e}");
+        return;
+    }
+    let mut events = vec![EpollEvent::default(); 64];
+    loop {
+        let n = match epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                tracing::error!("device worker: epoll: {e}");
+                return;
+            }
+        };
+        for ev in &events[..n] {
+            let token = ev.data();
+            let mut ops = EventOps { epoll };
+            if token == STOP_TOKEN {
+                return;
+            } else if token >= RESERVED_TOKENS {
+                let q = (token - RESERVED_TOKENS) as usize;
+                if let Some(e) = queue_evts.get(q) {
+                    // Reading resets the counter: several notifications fold into one.
+                    let _ = e.read();
+                    handler.queue_event(q, &mut ops);
+                }
+            } else {
+                handler.host_event(token, ev.event_set(), &mut ops);
+            }
+        }
     }
 }
 
@@ -206,7 +222,36 @@ mod tests {
         let got = rx.recv_timeout(std::time::Duration::from_secs(5)).unwrap();
         assert_eq!(got, ('h', 7));
         w.notify(99); // out of range: ignored
-        w.stop();
+        let handler = w.stop().expect("the handler comes back");
         assert!(rx.recv_timeout(std::time::Duration::from_secs(1)).is_err());
+        // The handler can run again, on another worker (its init registers its descriptors
+        // with that one).
+        let w = Worker::spawn("t2", 1, handler).unwrap();
+        w.notify(0);
+        let got = rx.recv_timeout(std::time::Duration::from_secs(5)).unwrap();
+        assert_eq!(got, ('q', 0));
+        drop(w);
+        assert!(rx.recv_timeout(std::time::Duration::from_secs(1)).is_err());
+    }
+
+    /// Counts queue events.
+    struct Counter(u32, mpsc::Sender<()>);
+
+    impl EventHandler for Counter {
+        fn queue_event(&mut self, _queue: usize, _ops: &mut EventOps) {
+            self.0 += 1;
+            let _ = self.1.send(());
+        }
+    }
+
+    #[test]
+    fn stop_returns_the_handler_with_its_state() {
+        let (tx, rx) = mpsc::channel();
+        let w = Worker::spawn("t3", 2, Counter(0, tx)).unwrap();
+        for q in [0, 1, 0] {
+            w.notify(q);
+            rx.recv_timeout(std::time::Duration::from_secs(5)).unwrap();
+        }
+        assert_eq!(w.stop().map(|c| c.0), Some(3));
     }
 }

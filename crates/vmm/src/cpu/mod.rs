@@ -82,7 +82,7 @@ impl ExitCounts {
 
 impl VcpuStats {
     /// Current values.
-    pub fn snapshot(&self) -> ExitCounts {
+    pub fn counters(&self) -> ExitCounts {
         let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
         ExitCounts {
             io_in: r(&self.io_in),
@@ -570,8 +570,8 @@ mod tests {
         inc(&s.unhandled_pio);
         inc(&s.interrupted);
         let mut total = ExitCounts::default();
-        total.add(&s.snapshot());
-        total.add(&s.snapshot());
+        total.add(&s.counters());
+        total.add(&s.counters());
         assert_eq!(total.io_out, 4);
         assert_eq!(total.unhandled_pio, 2);
         assert_eq!(

@@ -9,7 +9,7 @@ use super::request::{
 use super::{BlockConfig, BlockError, BlockMetrics};
 use crate::rate_limiter::RateLimiter;
 use crate::virtio::worker::{EventHandler, EventOps};
-use crate::virtio::{VirtioInterrupt, INT_VRING};
+use crate::virtio::{InterruptKind, VirtioInterrupt};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
@@ -196,7 +196,7 @@ pub(super) struct BlockWorker {
     pub core: Core,
     pub mem: GuestMemoryMmap,
     pub queue: Queue,
-    pub interrupt: Arc<VirtioInterrupt>,
+    pub interrupt: Arc<dyn VirtioInterrupt>,
     pub engine: Engine,
     pub limiter: RateLimiter,
     /// A request the rate limiter held back; it goes first when the timer fires.
@@ -216,7 +216,7 @@ impl BlockWorker {
         core: Core,
         mem: GuestMemoryMmap,
         queue: Queue,
-        interrupt: Arc<VirtioInterrupt>,
+        interrupt: Arc<dyn VirtioInterrupt>,
         engine: Engine,
         limiter: RateLimiter,
     ) -> io::Result<BlockWorker> {
@@ -370,7 +370,9 @@ impl BlockWorker {
         }
         self.added = 0;
         if self.queue.needs_notification(&self.mem).unwrap_or(true) {
-            self.interrupt.signal(INT_VRING);
+            if let Err(e) = self.interrupt.trigger(InterruptKind::Queue(0)) {
+                tracing::warn!("virtio-blk interrupt: {e}");
+            }
         }
     }
 }

@@ -157,7 +157,7 @@ pub struct BlockMetrics {
 }
 
 impl Metrics for BlockMetrics {
-    fn snapshot(&self) -> Vec<(&'static str, u64)> {
+    fn counters(&self) -> Vec<(&'static str, u64)> {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         vec![
             ("read_requests", g(&self.read_requests)),
@@ -193,7 +193,7 @@ pub struct Block {
     rate: RateLimit,
     engine: IoEngine,
     metrics: Arc<BlockMetrics>,
-    worker: Option<Worker>,
+    worker: Option<Worker<BlockWorker>>,
 }
 
 impl Block {
@@ -309,7 +309,7 @@ impl VirtioDevice for Block {
         mem: GuestMemoryMmap,
         features: u64,
         queues: Vec<Queue>,
-        interrupt: Arc<VirtioInterrupt>,
+        interrupt: Arc<dyn VirtioInterrupt>,
     ) -> Result<(), VirtioError> {
         // A second activation without reset: stop the old worker first.
         self.reset();
@@ -352,8 +352,9 @@ impl VirtioDevice for Block {
 
     fn reset(&mut self) {
         if let Some(w) = self.worker.take() {
-            // Joins the thread; its state waits for in-flight I/O before guest memory goes.
-            w.stop();
+            // Joins the thread and drops its state (queue, engine): that waits for in-flight
+            // I/O before guest memory goes.
+            drop(w.stop());
         }
         self.metrics.inflight.store(0, Ordering::Relaxed);
     }

@@ -136,7 +136,7 @@ impl Dev {
 
     fn metric(&self, name: &str) -> u64 {
         self.m
-            .snapshot()
+            .counters()
             .into_iter()
             .find(|(n, _)| *n == name)
             .unwrap()
@@ -301,13 +301,13 @@ fn interrupts_with_and_without_event_idx() {
                 assert_eq!(dev.run(&[ro(HDR, 16), wo(BUF, 512), wo(ST, 1)]), (513, OK));
                 // The interrupt is raised after the used element is published; give it a moment.
                 let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-                while dev.d.irq.status() & crate::virtio::INT_VRING == 0
+                while dev.d.irq.status() & crate::virtio::transport::mmio::INT_VRING == 0
                     && std::time::Instant::now() < deadline
                 {
                     std::thread::sleep(std::time::Duration::from_millis(1));
                 }
                 assert_ne!(
-                    dev.d.irq.status() & crate::virtio::INT_VRING,
+                    dev.d.irq.status() & crate::virtio::transport::mmio::INT_VRING,
                     0,
                     "{engine:?} features {wanted:#x} round {round}"
                 );

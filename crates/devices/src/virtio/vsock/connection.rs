@@ -5,6 +5,7 @@ use super::packet::{Header, HOST_CID, OP_RST, SHUTDOWN_BOTH, SHUTDOWN_RCV, TYPE_
 use super::packet::{
     OP_CREDIT_REQUEST, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE, OP_RW, OP_SHUTDOWN,
 };
+use crate::sys::send_nosignal;
 use std::collections::VecDeque;
 use std::io;
 use std::num::Wrapping;
@@ -315,23 +316,5 @@ impl Conn {
     /// The RST that ends this connection.
     pub fn rst(&self, guest_cid: u64) -> Header {
         self.header(guest_cid, OP_RST)
-    }
-}
-
-/// `send(2)` with MSG_NOSIGNAL: a host peer that went away yields EPIPE, never SIGPIPE.
-pub(crate) fn send_nosignal(stream: &UnixStream, buf: &[u8]) -> io::Result<usize> {
-    // SAFETY: the pointer and length describe the live slice `buf`; the kernel only reads it.
-    let r = unsafe {
-        libc::send(
-            stream.as_raw_fd(),
-            buf.as_ptr().cast(),
-            buf.len(),
-            libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
-        )
-    };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r as usize)
     }
 }

@@ -20,7 +20,7 @@ pub use connection::{CONN_BUF_ALLOC, CREDIT_UPDATE_THRESHOLD};
 pub use muxer::Muxer;
 
 use super::worker::{EventHandler, EventOps, Worker};
-use super::{VirtioDevice, VirtioError, VirtioInterrupt, INT_VRING, VIRTIO_F_VERSION_1};
+use super::{InterruptKind, VirtioDevice, VirtioError, VirtioInterrupt, VIRTIO_F_VERSION_1};
 use muxer::{Limits, TOKEN_KICK, TOKEN_LISTENER, TOKEN_TIMER};
 use std::io;
 use std::os::fd::AsRawFd;
@@ -122,7 +122,7 @@ pub struct VsockMetrics {
 }
 
 impl super::Metrics for VsockMetrics {
-    fn snapshot(&self) -> Vec<(&'static str, u64)> {
+    fn counters(&self) -> Vec<(&'static str, u64)> {
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
         vec![
             ("conns_opened", l(&self.conns_opened)),
@@ -144,7 +144,7 @@ pub struct Vsock {
     listener: UnixListener,
     /// (device, inode) of the socket file we created, to remove only that on drop.
     ident: Option<(u64, u64)>,
-    worker: Option<Worker>,
+    worker: Option<Worker<Handler>>,
     metrics: Arc<VsockMetrics>,
     limits: Limits,
 }
@@ -230,7 +230,7 @@ impl Vsock {
 
     fn stop(&mut self) {
         if let Some(w) = self.worker.take() {
-            w.stop();
+            drop(w.stop());
         }
     }
 }
@@ -259,7 +259,7 @@ struct Handler {
     tx: Queue,
     /// Kept so the driver's event buffers stay with the device; no event is sent.
     _event: Queue,
-    interrupt: Arc<VirtioInterrupt>,
+    interrupt: Arc<dyn VirtioInterrupt>,
     muxer: Muxer,
     timer: TimerFd,
     armed: Option<Instant>,
@@ -288,15 +288,14 @@ impl Handler {
         let (n, m) = self.muxer.process_rx(&self.mem, &mut self.rx, ops);
         rx_used += n;
         more |= m;
-        let mut signal = false;
-        if rx_used > 0 {
-            signal |= self.rx.needs_notification(&self.mem).unwrap_or(true);
-        }
-        if tx_used > 0 {
-            signal |= self.tx.needs_notification(&self.mem).unwrap_or(true);
-        }
-        if signal {
-            self.interrupt.signal(INT_VRING);
+        let rx_signal = rx_used > 0 && self.rx.needs_notification(&self.mem).unwrap_or(true);
+        let tx_signal = tx_used > 0 && self.tx.needs_notification(&self.mem).unwrap_or(true);
+        for (q, signal) in [(RX_QUEUE, rx_signal), (TX_QUEUE, tx_signal)] {
+            if signal {
+                if let Err(e) = self.interrupt.trigger(InterruptKind::queue(q)) {
+                    tracing::warn!("vsock interrupt: {e}");
+                }
+            }
         }
         if more {
             // Budget used up: come back after the other events.
@@ -390,7 +389,7 @@ impl VirtioDevice for Vsock {
         mem: GuestMemoryMmap,
         _features: u64,
         queues: Vec<Queue>,
-        interrupt: Arc<VirtioInterrupt>,
+        interrupt: Arc<dyn VirtioInterrupt>,
     ) -> Result<(), VirtioError> {
         self.stop();
         if queues.len() != 3 {

@@ -872,7 +872,7 @@ fn parse_connect(line: &[u8]) -> Option<u32> {
 fn send_all_now(stream: &UnixStream, buf: &[u8]) -> io::Result<()> {
     let mut off = 0;
     while off < buf.len() {
-        match super::connection::send_nosignal(stream, buf.get(off..).unwrap_or(&[])) {
+        match crate::sys::send_nosignal(stream, buf.get(off..).unwrap_or(&[])) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => off += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}

@@ -1,9 +1,11 @@
 //! The virtio-vsock packet: `struct virtio_vsock_hdr` (virtio 1.x §5.10.6) and moving packets
 //! between guest descriptor chains and host buffers, validating everything the guest wrote.
 
+use crate::virtio::chain::{ChainError, Direction, Regions, Rules};
 use std::ops::Deref;
+use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
-use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
+use vm_memory::{GuestMemory, GuestMemoryMmap};
 
 /// Size of `struct virtio_vsock_hdr` in bytes.
 pub const HDR_LEN: usize = 44;
@@ -140,71 +142,30 @@ pub struct BadPacket {
     pub error: PacketError,
 }
 
-/// The guest-memory regions of one chain, in order.
-fn regions<M>(
-    chain: DescriptorChain<M>,
-    want_write: bool,
-) -> Result<Vec<(GuestAddress, u64)>, PacketError>
+impl From<ChainError> for PacketError {
+    fn from(e: ChainError) -> Self {
+        match e {
+            ChainError::WrongDirection => PacketError::WrongDirection,
+            ChainError::OutsideMemory => PacketError::Memory,
+            // The walk sets no length or count limit (the chain iterator stops after the queue
+            // size); running out of buffer is a short header (or payload, caught before).
+            ChainError::TooShort | ChainError::TooLong | ChainError::TooManyDescriptors => {
+                PacketError::HeaderTooShort
+            }
+        }
+    }
+}
+
+/// The non-empty buffers of one chain, in order, all of them in the direction `direction`.
+/// Memory is checked when they are read or written.
+fn regions<I>(
+    chain: impl IntoIterator<IntoIter = I>,
+    direction: Direction,
+) -> Result<Regions, PacketError>
 where
-    M: Deref,
-    M::Target: GuestMemory,
+    I: Iterator<Item = Descriptor>,
 {
-    let mut out = Vec::new();
-    // The chain iterator stops after the queue size in descriptors, so a looping chain ends.
-    for d in chain {
-        if d.is_write_only() != want_write {
-            return Err(PacketError::WrongDirection);
-        }
-        if d.len() > 0 {
-            out.push((d.addr(), u64::from(d.len())));
-        }
-    }
-    Ok(out)
-}
-
-/// Walks `len` bytes starting `skip` bytes into `regions`, calling `f(guest address, range of
-/// the caller's buffer)` for each contiguous piece. `HeaderTooShort` when the regions end first.
-fn for_each_span(
-    regions: &[(GuestAddress, u64)],
-    mut skip: u64,
-    len: usize,
-    mut f: impl FnMut(GuestAddress, std::ops::Range<usize>) -> Result<(), PacketError>,
-) -> Result<(), PacketError> {
-    let mut done = 0usize;
-    for &(addr, rlen) in regions {
-        if done == len {
-            break;
-        }
-        if skip >= rlen {
-            skip -= rlen;
-            continue;
-        }
-        let avail = rlen - skip;
-        let n = (len - done).min(usize::try_from(avail).unwrap_or(usize::MAX));
-        let at = addr.0.checked_add(skip).ok_or(PacketError::Memory)?;
-        f(GuestAddress(at), done..done + n)?;
-        done += n;
-        skip = 0;
-    }
-    if done == len {
-        Ok(())
-    } else {
-        Err(PacketError::HeaderTooShort)
-    }
-}
-
-/// Copies `buf.len()` bytes starting `skip` bytes into `regions` out of guest memory.
-fn read_at(
-    mem: &GuestMemoryMmap,
-    regions: &[(GuestAddress, u64)],
-    skip: u64,
-    buf: &mut [u8],
-) -> Result<(), PacketError> {
-    let len = buf.len();
-    for_each_span(regions, skip, len, |at, range| {
-        let dst = buf.get_mut(range).ok_or(PacketError::Memory)?;
-        mem.read_slice(dst, at).map_err(|_| PacketError::Memory)
-    })
+    Ok(Regions::new(chain, Rules::direction(direction))?)
 }
 
 /// Parses a tx (driver → device) chain: every descriptor device-readable, the header possibly
@@ -220,13 +181,15 @@ where
     M::Target: GuestMemory,
 {
     let bad = |header, error| BadPacket { header, error };
-    let regions = regions(chain, false).map_err(|e| bad(None, e))?;
-    let total: u64 = regions.iter().map(|r| r.1).fold(0u64, u64::saturating_add);
+    let regions = regions(chain, Direction::Read).map_err(|e| bad(None, e))?;
+    let total = regions.len();
     if total < HDR_LEN as u64 {
         return Err(bad(None, PacketError::HeaderTooShort));
     }
     let mut hb = [0u8; HDR_LEN];
-    read_at(mem, &regions, 0, &mut hb).map_err(|e| bad(None, e))?;
+    regions
+        .read_at(mem, 0, &mut hb)
+        .map_err(|e| bad(None, e.into()))?;
     let hdr = Header::from_bytes(&hb);
     if hdr.len as usize > MAX_PKT_DATA {
         return Err(bad(Some(hdr), PacketError::TooLong(hdr.len)));
@@ -242,14 +205,15 @@ where
         ));
     }
     let mut data = vec![0u8; hdr.len as usize];
-    read_at(mem, &regions, HDR_LEN as u64, &mut data).map_err(|e| bad(Some(hdr), e))?;
+    regions
+        .read_at(mem, HDR_LEN as u64, &mut data)
+        .map_err(|e| bad(Some(hdr), e.into()))?;
     Ok((hdr, data))
 }
 
 /// The writable space of an rx (device → driver) chain.
 pub struct RxBuffer {
-    regions: Vec<(GuestAddress, u64)>,
-    capacity: u64,
+    regions: Regions,
 }
 
 impl RxBuffer {
@@ -259,17 +223,16 @@ impl RxBuffer {
         M: Deref,
         M::Target: GuestMemory,
     {
-        let regions = regions(chain, true)?;
-        let capacity: u64 = regions.iter().map(|r| r.1).fold(0u64, u64::saturating_add);
-        if capacity < HDR_LEN as u64 {
+        let regions = regions(chain, Direction::Write)?;
+        if regions.len() < HDR_LEN as u64 {
             return Err(PacketError::HeaderTooShort);
         }
-        Ok(RxBuffer { regions, capacity })
+        Ok(RxBuffer { regions })
     }
 
     /// Payload bytes that fit after the header (at most [`MAX_PKT_DATA`]).
     pub fn data_capacity(&self) -> usize {
-        let room = self.capacity.saturating_sub(HDR_LEN as u64);
+        let room = self.regions.len().saturating_sub(HDR_LEN as u64);
         usize::try_from(room)
             .unwrap_or(usize::MAX)
             .min(MAX_PKT_DATA)
@@ -295,10 +258,7 @@ impl RxBuffer {
     }
 
     fn write_at(&self, mem: &GuestMemoryMmap, skip: u64, buf: &[u8]) -> Result<(), PacketError> {
-        for_each_span(&self.regions, skip, buf.len(), |at, range| {
-            let src = buf.get(range).ok_or(PacketError::Memory)?;
-            mem.write_slice(src, at).map_err(|_| PacketError::Memory)
-        })
+        Ok(self.regions.write_at(mem, skip, buf)?)
     }
 }
 

@@ -1,7 +1,11 @@
-//! The virtio-mmio transport (version 2, "modern"): the register block a driver programs.
+//! The virtio-mmio transport (version 2, "modern"): the register block a driver programs, and
+//! its interrupt: one line plus the InterruptStatus register ([`MmioInterrupt`]).
 
-use super::{VirtioDevice, VirtioInterrupt, INT_CONFIG, VIRTIO_F_VERSION_1};
-use crate::BusDevice;
+use super::{InterruptKind, VirtioInterrupt};
+use crate::virtio::{VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::{BusDevice, Interrupt};
+use std::io;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
@@ -10,6 +14,11 @@ use vm_memory::GuestMemoryMmap;
 pub const MMIO_LEN: u64 = 0x1000;
 /// Offset of QueueNotify (where ioeventfds are registered).
 pub const NOTIFY_OFFSET: u64 = 0x50;
+
+/// InterruptStatus bit: a used buffer was returned (on any queue).
+pub const INT_VRING: u32 = 1;
+/// InterruptStatus bit: the configuration changed (or the device needs a reset).
+pub const INT_CONFIG: u32 = 2;
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
 const VERSION: u32 = 2;
@@ -24,11 +33,63 @@ const FEATURES_OK: u32 = 8;
 const DEVICE_NEEDS_RESET: u32 = 64;
 const FAILED: u32 = 128;
 
+/// The interrupt of one virtio-mmio device: its line and its InterruptStatus register.
+///
+/// The transport hands it to the device as its [`VirtioInterrupt`]: a trigger sets the status
+/// bit of its kind ([`INT_VRING`] for any queue, [`INT_CONFIG`]) and raises the line; the driver
+/// reads the register (InterruptStatus, 0x060) and clears bits through InterruptACK (0x064).
+#[derive(Debug)]
+pub struct MmioInterrupt {
+    status: AtomicU32,
+    line: Interrupt,
+}
+
+impl MmioInterrupt {
+    /// Wraps `line`, with no status bit set.
+    pub fn new(line: Interrupt) -> Self {
+        MmioInterrupt {
+            status: AtomicU32::new(0),
+            line,
+        }
+    }
+
+    /// Sets `bits` in InterruptStatus and raises the line.
+    fn raise(&self, bits: u32) -> io::Result<()> {
+        self.status.fetch_or(bits, Ordering::SeqCst);
+        self.line.trigger()
+    }
+
+    /// Current InterruptStatus.
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    /// InterruptACK: clears `bits`.
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    /// The line itself (to register as an irqfd).
+    pub fn line(&self) -> &Interrupt {
+        &self.line
+    }
+}
+
+impl VirtioInterrupt for MmioInterrupt {
+    fn trigger(&self, kind: InterruptKind) -> io::Result<()> {
+        match kind {
+            // One line and one bit for every queue: the driver looks at all of them.
+            InterruptKind::Queue(_) => self.raise(INT_VRING),
+            InterruptKind::Config => self.raise(INT_CONFIG),
+        }
+    }
+}
+
 /// One virtio device behind its register block.
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
     mem: GuestMemoryMmap,
-    interrupt: Arc<VirtioInterrupt>,
+    interrupt: Arc<MmioInterrupt>,
     queues: Vec<Queue>,
     queue_sel: u32,
     device_features_sel: u32,
@@ -40,17 +101,14 @@ pub struct MmioTransport {
 }
 
 impl MmioTransport {
-    /// Puts `device` behind a register block; `mem` is the guest memory its queues live in.
-    pub fn new(
-        device: Box<dyn VirtioDevice>,
-        mem: GuestMemoryMmap,
-        interrupt: Arc<VirtioInterrupt>,
-    ) -> Self {
+    /// Puts `device` behind a register block; `mem` is the guest memory its queues live in,
+    /// `line` the device's interrupt line (already wired to the guest, e.g. as an irqfd).
+    pub fn new(device: Box<dyn VirtioDevice>, mem: GuestMemoryMmap, line: Interrupt) -> Self {
         let queues = Self::fresh_queues(device.as_ref());
         MmioTransport {
             device,
             mem,
-            interrupt,
+            interrupt: Arc::new(MmioInterrupt::new(line)),
             queues,
             queue_sel: 0,
             device_features_sel: 0,
@@ -71,8 +129,8 @@ impl MmioTransport {
             .collect()
     }
 
-    /// The interrupt (for irqfd registration).
-    pub fn interrupt(&self) -> &Arc<VirtioInterrupt> {
+    /// The interrupt: its line and InterruptStatus register.
+    pub fn interrupt(&self) -> &Arc<MmioInterrupt> {
         &self.interrupt
     }
 
@@ -125,7 +183,9 @@ impl MmioTransport {
         );
         self.status |= DEVICE_NEEDS_RESET;
         self.config_generation = self.config_generation.wrapping_add(1);
-        self.interrupt.signal(INT_CONFIG);
+        if let Err(e) = self.interrupt.raise(INT_CONFIG) {
+            tracing::warn!("virtio interrupt: {e}");
+        }
     }
 
     fn set_status(&mut self, value: u32) {

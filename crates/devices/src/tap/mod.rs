@@ -11,12 +11,13 @@
 //! The interface disappears when the descriptor is closed unless an administrator made it
 //! persistent; the VMM never does.
 
-use std::ffi::CStr;
-use std::fs::{File, OpenOptions};
+mod sys;
+
+use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
+use sys::{IfReq, InetSocket, TunFile};
 
 /// Longest interface name (`IFNAMSIZ` is 16 including the terminating NUL).
 pub const MAX_NAME_LEN: usize = libc::IFNAMSIZ - 1;
@@ -24,22 +25,13 @@ pub const MAX_NAME_LEN: usize = libc::IFNAMSIZ - 1;
 /// Size of the `virtio_net_hdr_v1` header in front of every frame (with `num_buffers`).
 pub const VNET_HDR_LEN: usize = 12;
 
-// ioctl requests and flags, from linux/if_tun.h (values as exported by the libc crate).
-/// `_IOW('T', 202, int)`: attach the descriptor to (or create) the interface named in an ifreq.
-const TUNSETIFF: libc::Ioctl = libc::TUNSETIFF;
-/// `_IOW('T', 208, unsigned int)`: which offloads the kernel may hand us (TUN_F_* flags).
-const TUNSETOFFLOAD: libc::Ioctl = libc::TUNSETOFFLOAD;
-/// `_IOW('T', 216, int)`: size of the virtio-net header in front of every frame.
-const TUNSETVNETHDRSZ: libc::Ioctl = libc::TUNSETVNETHDRSZ;
-/// TUNSETIFF flag: Ethernet frames (not IP packets).
+// TUNSETIFF flags, from linux/if_tun.h (values as exported by the libc crate).
+/// Ethernet frames (not IP packets).
 const IFF_TAP: libc::c_int = libc::IFF_TAP;
-/// TUNSETIFF flag: no 4-byte packet-information prefix.
+/// No 4-byte packet-information prefix.
 const IFF_NO_PI: libc::c_int = libc::IFF_NO_PI;
-/// TUNSETIFF flag: every frame carries a virtio-net header.
+/// Every frame carries a virtio-net header.
 const IFF_VNET_HDR: libc::c_int = libc::IFF_VNET_HDR;
-// From linux/sockios.h: get and set an interface's flags (through any socket).
-const SIOCGIFFLAGS: libc::Ioctl = libc::SIOCGIFFLAGS as libc::Ioctl;
-const SIOCSIFFLAGS: libc::Ioctl = libc::SIOCSIFFLAGS as libc::Ioctl;
 
 /// TUNSETOFFLOAD flag: the kernel may hand us frames with a partial checksum (`NEEDS_CSUM`).
 pub const TUN_F_CSUM: u32 = libc::TUN_F_CSUM;
@@ -159,7 +151,7 @@ pub fn validate_name(name: &str) -> Result<(), TapError> {
 /// An open TAP interface (the descriptor is non-blocking and close-on-exec).
 #[derive(Debug)]
 pub struct Tap {
-    file: File,
+    tun: TunFile,
     name: String,
     created: bool,
 }
@@ -172,33 +164,24 @@ impl Tap {
         let tap = || name.to_string();
         // Whether we create it decides whether we bring it up (validated name: no traversal).
         let existed = Path::new("/sys/class/net").join(name).exists();
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-            .open("/dev/net/tun")
-            .map_err(|e| match e.raw_os_error() {
-                Some(libc::ENOENT) | Some(libc::ENODEV) | Some(libc::ENXIO) => {
-                    TapError::TunMissing { tap: tap() }
-                }
-                Some(libc::EACCES) | Some(libc::EPERM) => TapError::PermissionDenied {
-                    tap: tap(),
-                    what: "opening /dev/net/tun",
-                },
-                _ => TapError::Io {
-                    tap: tap(),
-                    what: "opening /dev/net/tun",
-                    source: e,
-                },
-            })?;
+        let tun = TunFile::open().map_err(|e| match e.raw_os_error() {
+            Some(libc::ENOENT) | Some(libc::ENODEV) | Some(libc::ENXIO) => {
+                TapError::TunMissing { tap: tap() }
+            }
+            Some(libc::EACCES) | Some(libc::EPERM) => TapError::PermissionDenied {
+                tap: tap(),
+                what: "opening /dev/net/tun",
+            },
+            _ => TapError::Io {
+                tap: tap(),
+                what: "opening /dev/net/tun",
+                source: e,
+            },
+        })?;
 
-        let mut ifr = ifreq(name);
-        ifr.ifr_ifru.ifru_flags = (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR) as libc::c_short;
-        // SAFETY: TUNSETIFF reads and writes one `struct ifreq`, which `ifr` is; the descriptor
-        // is a valid open /dev/net/tun.
-        let r = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut ifr) };
-        if r < 0 {
-            let e = io::Error::last_os_error();
+        let mut ifr = IfReq::new(name);
+        ifr.set_flags((IFF_TAP | IFF_NO_PI | IFF_VNET_HDR) as libc::c_short);
+        if let Err(e) = tun.set_iff(&mut ifr) {
             return Err(match e.raw_os_error() {
                 Some(libc::EPERM) | Some(libc::EACCES) => TapError::PermissionDenied {
                     tap: tap(),
@@ -217,24 +200,18 @@ impl Tap {
         }
         // The kernel writes back the interface's actual name (it is the one we asked for, since
         // templates are refused).
-        // SAFETY: ifr_name is a NUL-terminated array of IFNAMSIZ bytes: we wrote at most 15
-        // name bytes after zero-filling it, and the kernel writes a NUL-terminated name.
-        let actual = unsafe { CStr::from_ptr(ifr.ifr_name.as_ptr()) }
-            .to_string_lossy()
-            .into_owned();
+        let actual = ifr.name();
 
         let hdr_len = VNET_HDR_LEN as libc::c_int;
-        // SAFETY: TUNSETVNETHDRSZ reads one int through the pointer given.
-        let r = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETVNETHDRSZ, &hdr_len) };
-        if r < 0 {
+        if let Err(source) = tun.set_vnet_hdr_sz(hdr_len) {
             return Err(TapError::Offload {
                 tap: tap(),
                 what: "TUNSETVNETHDRSZ 12",
-                source: io::Error::last_os_error(),
+                source,
             });
         }
         let tap_dev = Tap {
-            file,
+            tun,
             name: actual,
             created: !existed,
         };
@@ -267,69 +244,37 @@ impl Tap {
 
     /// Sets which offloaded frames (`TUN_F_*`) the kernel may hand us.
     pub fn set_offload(&self, flags: u32) -> io::Result<()> {
-        let arg = libc::c_ulong::from(flags);
-        // SAFETY: TUNSETOFFLOAD takes its argument by value; the descriptor is a valid TAP.
-        let r = unsafe { libc::ioctl(self.file.as_raw_fd(), TUNSETOFFLOAD, arg) };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        self.tun.set_offload(flags)
     }
 
     /// Reads one frame (header included); `WouldBlock` when none is waiting.
     pub fn read_frame(&self, buf: &mut [u8]) -> io::Result<usize> {
-        (&self.file).read(buf)
+        self.file().read(buf)
     }
 
     /// Writes one frame (header included).
     pub fn write_frame(&self, frame: &[u8]) -> io::Result<usize> {
-        (&self.file).write(frame)
+        self.file().write(frame)
+    }
+
+    fn file(&self) -> &File {
+        self.tun.file()
     }
 }
 
 impl AsRawFd for Tap {
     fn as_raw_fd(&self) -> RawFd {
-        self.file.as_raw_fd()
+        self.file().as_raw_fd()
     }
-}
-
-/// A zeroed ifreq carrying `name` (at most [`MAX_NAME_LEN`] bytes, checked by the caller).
-fn ifreq(name: &str) -> libc::ifreq {
-    // SAFETY: ifreq is plain data (arrays, integers, pointers in a union) for which all-zero
-    // bytes are a valid value.
-    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (dst, &src) in ifr
-        .ifr_name
-        .iter_mut()
-        .zip(name.as_bytes().iter().take(MAX_NAME_LEN))
-    {
-        *dst = src as libc::c_char;
-    }
-    ifr
 }
 
 /// Sets IFF_UP on interface `name` (SIOCSIFFLAGS on an AF_INET datagram socket).
 fn set_link_up(name: &str) -> io::Result<()> {
-    // SAFETY: plain socket(2) call; the result is checked before use.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a freshly created descriptor that nothing else owns.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-    let mut ifr = ifreq(name);
-    // SAFETY: SIOCGIFFLAGS reads and writes one `struct ifreq`, which `ifr` is.
-    if unsafe { libc::ioctl(sock.as_raw_fd(), SIOCGIFFLAGS, &mut ifr) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
-    let flags = unsafe { ifr.ifr_ifru.ifru_flags };
-    ifr.ifr_ifru.ifru_flags = flags | libc::IFF_UP as libc::c_short;
-    // SAFETY: SIOCSIFFLAGS reads one `struct ifreq`, which `ifr` is.
-    if unsafe { libc::ioctl(sock.as_raw_fd(), SIOCSIFFLAGS, &ifr) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    let sock = InetSocket::new()?;
+    let mut ifr = IfReq::new(name);
+    sock.get_flags(&mut ifr)?;
+    ifr.set_flags(ifr.flags() | libc::IFF_UP as libc::c_short);
+    sock.set_flags(&ifr)
 }
 
 #[cfg(test)]
@@ -362,13 +307,23 @@ mod tests {
 
     #[test]
     fn ifreq_carries_the_name_nul_terminated() {
-        let r = ifreq("tap7");
+        let r = IfReq::new("tap7");
         assert_eq!(
-            r.ifr_name[..5],
+            r.raw_name()[..5],
             [b't' as _, b'a' as _, b'p' as _, b'7' as _, 0]
         );
-        let r = ifreq("123456789012345");
-        assert_eq!(r.ifr_name[15], 0);
+        assert_eq!(r.name(), "tap7");
+        let r = IfReq::new("123456789012345");
+        assert_eq!(r.raw_name()[15], 0);
+        assert_eq!(r.name(), "123456789012345");
+        // Longer names are cut, still NUL-terminated.
+        let r = IfReq::new("1234567890123456789");
+        assert_eq!(r.raw_name()[15], 0);
+        assert_eq!(r.name(), "123456789012345");
+        let mut r = IfReq::new("x");
+        assert_eq!(r.flags(), 0);
+        r.set_flags(0x1003);
+        assert_eq!(r.flags(), 0x1003);
     }
 
     #[test]
