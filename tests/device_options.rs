@@ -50,17 +50,19 @@ fn as_nobody(cmd: &Command) -> Command {
     c
 }
 
+/// Makes the test's own directories (`dir` and its parents below the temporary directory, all
+/// made by the test) traversable by an unprivileged user. The temporary directory itself and
+/// everything above it are left as they are: tests leave the host as they found it (`/tmp`
+/// keeps its 1777).
 fn world_readable(dir: &Path) {
+    let tmp = std::env::temp_dir();
     let mut p = Some(dir);
     while let Some(d) = p {
-        if d == Path::new("/") {
+        if !d.starts_with(&tmp) || d == tmp {
             break;
         }
         let _ = std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755));
         p = d.parent();
-        if d == std::env::temp_dir() {
-            break;
-        }
     }
 }
 
