@@ -1,8 +1,11 @@
 //! One VM's serial console, shared by every client attached through the API.
 //!
-//! The VMM serves its console on a Unix socket (`console.sock`) to one client at a time, keeps
-//! only its last 64 KiB of output while no one is connected, and hangs up on a client that
-//! stops reading for a second (it must not stall the guest's serial writes). A [`ConsoleHub`] is
+//! The VMM serves its console on a Unix socket (`console.sock`) to one client at a time through
+//! a `devices::console_socket::SocketConsole`: it always keeps its last 64 KiB of output and
+//! replays them to each new client, and hangs up on a client that stops reading for a second
+//! (it must not stall the guest's serial writes). So after a reconnect the hub receives again
+//! up to 64 KiB it may already have (console.log and attached clients then see that stretch
+//! twice); nothing is lost that fits the VMM's backlog. A [`ConsoleHub`] is
 //! that one client, for the whole life of the VMM (reconnecting if it is hung up on): it always
 //! reads, keeps the last [`HISTORY`] bytes (so an attaching user sees the recent output, e.g.
 //! the login prompt), fans output out to every attached client (a slow one loses output, never
