@@ -88,8 +88,10 @@ fn every_command_is_answered_by_the_vm_loop() {
         Ok(VmResponse::Stats(s)) => {
             assert_eq!(s.vcpus.len(), 2);
             assert_eq!(s.vcpus[1].vcpu, 1);
-            // The pause kicked every vCPU out of KVM_RUN at least once.
-            assert!(s.vcpus.iter().all(|v| v.exits["interrupted"] >= 1), "{s:?}");
+            // Every exit kind is reported, the total included (a spinning guest may not have
+            // exited at all: a vCPU paused before its first KVM_RUN never was in the guest).
+            assert!(s.vcpus.iter().all(|v| v.exits.contains_key("total")
+                && v.exits.contains_key("interrupted")), "{s:?}");
             assert!(s.devices.is_empty());
             assert!(s.balloon.is_none());
         }

@@ -176,6 +176,16 @@ impl SocketConsole {
         }
     }
 
+    /// When the connected client will be hung up on if it still takes no output: `Some` while
+    /// output waits for it. A driver calls [`SocketConsole::flush`] at that time even when the
+    /// guest writes nothing more, so a stalled client is noticed while the guest is quiet too.
+    pub fn stall_deadline(&self) -> Option<Instant> {
+        match (&self.client, self.pending.is_empty()) {
+            (Some(_), false) => self.stalled_since.map(|t| t + STALL_TIMEOUT),
+            _ => None,
+        }
+    }
+
     /// Accepts a waiting client if none is connected; it gets the backlog first. True when a
     /// client was accepted.
     pub fn accept(&mut self) -> bool {
@@ -282,7 +292,8 @@ impl SocketConsole {
 
 /// For a console driven by a thread of its own: waits until `console` has something to do (a
 /// client to accept; with `want_input`, input or the end of it from the client; room for queued
-/// output; a hang-up) or `wake` is written (see [`SocketConsole::set_wake`]), at most `timeout`.
+/// output; a hang-up; its stall deadline) or `wake` is written (see
+/// [`SocketConsole::set_wake`]), at most `timeout`.
 /// The caller then does what is due (accept, flush, read) under the lock. The lock is not held
 /// while waiting.
 pub fn wait(
@@ -293,8 +304,13 @@ pub fn wait(
 ) -> io::Result<()> {
     // Duplicates (closed when this returns): the console may drop its client meanwhile, and a
     // descriptor number must not be waited on after its owner closed it.
+    let mut timeout = timeout;
     let fd: Option<(OwnedFd, libc::c_short)> = {
         let c = lock(console);
+        if let Some(deadline) = c.stall_deadline() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            timeout = Some(timeout.map_or(left, |t| t.min(left)));
+        }
         match &c.client {
             None => Some((OwnedFd::from(c.listener.try_clone()?), libc::POLLIN)),
             Some(s) => {
@@ -456,6 +472,32 @@ mod tests {
         let got = read_some(&mut next);
         assert!(!got.is_empty());
         assert_eq!(con.take_counters().errors, 0);
+    }
+
+    #[test]
+    fn a_stalled_client_is_hung_up_on_while_the_guest_is_quiet() {
+        let p = Sock::new("quiet");
+        let con = Mutex::new(SocketConsole::bind(&p.0).unwrap());
+        let wake = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
+        let _c = UnixStream::connect(&p.0).unwrap();
+        assert!(lock(&con).accept());
+        let chunk = vec![b'q'; 4096];
+        while !lock(&con).has_pending_output() {
+            let mut c = lock(&con);
+            c.output(&chunk);
+            c.flush();
+        }
+        assert!(lock(&con).stall_deadline().is_some());
+        // No more output: the driver's wait still ends at the stall deadline, and the flush
+        // after it hangs up on the client that took nothing.
+        let start = Instant::now();
+        while lock(&con).has_client() {
+            wait(&con, &wake, false, None).unwrap();
+            lock(&con).flush();
+            assert!(start.elapsed() < STALL_TIMEOUT * 5, "never hung up");
+        }
+        assert!(start.elapsed() >= STALL_TIMEOUT / 2);
+        assert_eq!(lock(&con).stall_deadline(), None);
     }
 
     #[test]

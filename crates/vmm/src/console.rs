@@ -254,11 +254,7 @@ fn pump(mut input: impl Read, serial: &Mutex<Serial>, escape_events: Option<&Sen
         }
         let mut pos = 0;
         while pos < data.len() {
-            let k = serial
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .enqueue_input(&data[pos..])
-                .unwrap_or(0);
+            let k = lock(serial).enqueue_input(&data[pos..]).unwrap_or(0);
             pos += k;
             if k == 0 {
                 std::thread::sleep(Duration::from_millis(2));

@@ -289,11 +289,12 @@ impl Vm {
             None => None,
         };
 
-        let mut watchdog =
-            (self.kernel_boot && self.flavour == KvmFlavour::Pvm).then_some(PVM_PROGRESS_TIMEOUT);
+        // The PVM watchdog: armed until the first event that is not a command (a supervisor's
+        // `status` must not disarm it), it ends a VM whose kernel never touches a device.
+        let mut watchdog = (self.kernel_boot && self.flavour == KvmFlavour::Pvm)
+            .then(|| Instant::now() + PVM_PROGRESS_TIMEOUT);
         let event = loop {
             let event = self.next_event(watchdog, &running.threads);
-            watchdog = None;
             match event {
                 Some(VmEvent::Command(CommandRequest { command, reply })) => {
                     let stop = command == VmCommand::Stop;
@@ -303,6 +304,12 @@ impl Vm {
                     }
                 }
                 other => break other,
+            }
+            if watchdog.is_some_and(|deadline| Instant::now() >= deadline) {
+                watchdog = None;
+                if running.exits() == 0 {
+                    break None;
+                }
             }
         };
         let run_time = run_start.elapsed();
@@ -354,10 +361,11 @@ KVM is PVM and the kernel is not PVM-aware",
         })
     }
 
-    /// Waits for the event that ends the VM. With `watchdog`, gives up (`None`) when no vCPU
-    /// has exited to the VMM by then.
-    fn next_event(&self, watchdog: Option<Duration>, threads: &[VcpuThread]) -> Option<VmEvent> {
-        if let Some(limit) = watchdog {
+    /// Waits for the next event. With a `watchdog` deadline, gives up (`None`) when it passes
+    /// and no vCPU has exited to the VMM by then.
+    fn next_event(&self, watchdog: Option<Instant>, threads: &[VcpuThread]) -> Option<VmEvent> {
+        if let Some(deadline) = watchdog {
+            let limit = deadline.saturating_duration_since(Instant::now());
             match self.events_rx.recv_timeout(limit) {
                 Ok(ev) => return Some(ev),
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
@@ -428,7 +436,7 @@ impl Running {
             VmCommand::Resume => {
                 self.control.resume();
                 self.paused = false;
-                Ok(VmResponse::State(self.state()))
+                Ok(VmResponse::State(RunState::Running))
             }
             VmCommand::Shutdown => {
                 if self.paused {
@@ -471,6 +479,11 @@ resume it first, or stop it"
         } else {
             RunState::Running
         }
+    }
+
+    /// vCPU exits so far, summed.
+    fn exits(&self) -> u64 {
+        self.threads.iter().map(|(_, s)| s.counters().total()).sum()
     }
 
     fn uptime_ms(&self) -> u64 {

@@ -160,41 +160,40 @@ mod tests {
 
     #[test]
     fn config_errors_name_their_field() {
+        let dir = std::env::temp_dir().join(format!("fv-failure-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let kernel = dir.join("k");
+        std::fs::write(&kernel, b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0\x02\0\x3e\0").unwrap();
+        let disk = |p: &str| DiskConfig {
+            path: dir.join(p),
+            readonly: false,
+            id: None,
+            iops: None,
+            bw: None,
+        };
+        std::fs::write(dir.join("a"), [0u8; 512]).unwrap();
+        let host = config::HostLimits {
+            max_vcpus: 8,
+            host_memory: 1 << 34,
+        };
         let cfg = VmConfig {
-            disks: vec![
-                DiskConfig {
-                    path: "/a".into(),
-                    readonly: false,
-                    id: None,
-                    iops: None,
-                    bw: None,
-                },
-                DiskConfig {
-                    path: "/b".into(),
-                    readonly: false,
-                    id: None,
-                    iops: None,
-                    bw: None,
-                },
-            ],
+            kernel: Some(kernel),
+            disks: vec![disk("a"), disk("b")],
             ..Default::default()
         };
-        let _ = &cfg;
-        let f = |e: ConfigError| config_field(&e);
-        assert_eq!(f(ConfigError::NoCpus), "config.cpus");
+        let e = cfg.validate(&host).unwrap_err();
+        assert_eq!(config_field(&e), "config.disks[1].path");
+        let f = Failure::config(&e);
+        assert_eq!(f.status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(f.body.field.as_deref(), Some("config.disks[1].path"));
+        assert!(f.body.reason.ends_with("b: no such file"), "{}", f.body.reason);
+        assert!(f.body.error.starts_with("invalid config.disks[1].path: "), "{}", f.body.error);
+        assert_eq!(config_field(&ConfigError::NoCpus), "config.cpus");
+        assert_eq!(config_field(&ConfigError::NothingToBoot), "config.kernel");
         assert_eq!(
-            f(ConfigError::File {
-                field: "disks[1].path".into(),
-                what: "disk",
-                path: "/b".into(),
-                reason: "no such file".into()
-            }),
-            "config.disks[1].path"
-        );
-        assert_eq!(f(ConfigError::NothingToBoot), "config.kernel");
-        assert_eq!(
-            f(ConfigError::TooManyDevices { count: 9, max: 8 }),
+            config_field(&ConfigError::TooManyDevices { count: 9, max: 8 }),
             "config"
         );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

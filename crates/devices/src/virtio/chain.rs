@@ -1,5 +1,9 @@
-//! Walking a descriptor chain: the one place where the descriptors a guest wrote (address,
-//! length, direction, next index) become buffers a device uses.
+//! Walking a descriptor chain: where the descriptors a guest wrote (address, length, direction,
+//! next index) become buffers a device uses — for net, vsock, console, balloon and rng, whose
+//! chains run one way. virtio-blk's requests mix directions in one chain (a readable header,
+//! data either way, a writable status byte at the very end) and are parsed by
+//! `block/request.rs` against the same rules (descriptor cap, a truncated chain refused, every
+//! range checked against guest memory).
 //!
 //! Everything here is guest-controlled and checked: a descriptor's direction against the one the
 //! device expects, the number of descriptors, the total length (summed without overflow), that a

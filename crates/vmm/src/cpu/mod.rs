@@ -5,6 +5,7 @@ pub mod cpuid;
 pub mod regs;
 
 use crate::event::{FaultReport, VmEvent};
+use devices::sync::lock;
 use devices::{Bus, VmRequest};
 use kvm_bindings::{
     CpuId, Msrs, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
@@ -119,7 +120,7 @@ impl RunControl {
     /// Asks every vCPU to leave its loop.
     pub fn request_stop(&self) {
         self.state.store(STOP, Ordering::SeqCst);
-        let _g = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        let _g = lock(&self.parked);
         self.cv.notify_all();
     }
 
@@ -135,13 +136,13 @@ impl RunControl {
         let _ = self
             .state
             .compare_exchange(PAUSE, RUN, Ordering::SeqCst, Ordering::SeqCst);
-        let _g = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        let _g = lock(&self.parked);
         self.cv.notify_all();
     }
 
     /// Number of vCPUs currently parked.
     pub fn parked(&self) -> u32 {
-        *self.parked.lock().unwrap_or_else(|e| e.into_inner())
+        *lock(&self.parked)
     }
 
     fn stopping(&self) -> bool {
@@ -153,7 +154,7 @@ impl RunControl {
         if self.state.load(Ordering::SeqCst) == RUN {
             return true;
         }
-        let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        let mut parked = lock(&self.parked);
         *parked += 1;
         while self.state.load(Ordering::SeqCst) == PAUSE {
             parked = self.cv.wait(parked).unwrap_or_else(|e| e.into_inner());

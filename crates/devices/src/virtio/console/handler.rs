@@ -16,10 +16,12 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
 const LISTENER_TOKEN: u64 = 1;
 const CLIENT_TOKEN: u64 = 2;
 const RESUME_TOKEN: u64 = 3;
+const STALL_TOKEN: u64 = 4;
 
 /// Serves up to [`MAX_CHAINS_PER_EVENT`] transmit chains of `queue`: every device-readable
 /// buffer goes to `out` (at most [`MAX_TX_CHAIN`] bytes per chain). Device-writable buffers and
@@ -162,6 +164,10 @@ pub(super) struct ConsoleHandler {
     pub(super) listener_watched: bool,
     /// The client's registered events (`None`: not registered).
     pub(super) client_watched: Option<EventSet>,
+    /// Fires at the socket console's stall deadline, so a client that stops reading is hung up
+    /// on while the guest writes nothing more.
+    pub(super) stall_timer: TimerFd,
+    pub(super) stall_armed: bool,
 }
 
 impl ConsoleHandler {
@@ -248,13 +254,41 @@ impl ConsoleHandler {
         self.receive();
     }
 
+    /// The stall deadline passed: a flush hangs up on a client that still took nothing.
+    fn stall(&mut self) {
+        let _ = self.stall_timer.wait();
+        self.stall_armed = false;
+        let mut sink = lock(&self.sink);
+        if let Sink::Socket(s) = &mut *sink {
+            s.console.flush();
+            s.count(&self.metrics);
+        }
+    }
+
     /// Watches the listener while no client is connected, and the client for what the device
-    /// can do with it now: read when the input buffer is empty, write when output is pending.
+    /// can do with it now: read when the input buffer is empty, write when output is pending;
+    /// arms the stall timer while output waits.
     fn update_interest(&mut self, ops: &mut EventOps) {
         let sink = lock(&self.sink);
         let Sink::Socket(s) = &*sink else {
             return;
         };
+        match s.console.stall_deadline() {
+            Some(deadline) => {
+                let left = deadline
+                    .saturating_duration_since(std::time::Instant::now())
+                    .max(std::time::Duration::from_millis(1));
+                match self.stall_timer.reset(left, None) {
+                    Ok(()) => self.stall_armed = true,
+                    Err(e) => tracing::warn!("console stall timer: {e}"),
+                }
+            }
+            None if self.stall_armed => {
+                let _ = self.stall_timer.clear();
+                self.stall_armed = false;
+            }
+            None => {}
+        }
         let want_listener = !s.console.has_client();
         if want_listener != self.listener_watched {
             let fd = s.console.listener_fd();
@@ -305,6 +339,7 @@ impl ConsoleHandler {
 impl EventHandler for ConsoleHandler {
     fn init(&mut self, ops: &mut EventOps) -> io::Result<()> {
         ops.add(self.resume.as_raw_fd(), RESUME_TOKEN, EventSet::IN)?;
+        ops.add(self.stall_timer.as_raw_fd(), STALL_TOKEN, EventSet::IN)?;
         self.transmit();
         self.receive();
         self.update_interest(ops);
@@ -329,6 +364,7 @@ impl EventHandler for ConsoleHandler {
                 self.transmit();
                 self.receive();
             }
+            STALL_TOKEN => self.stall(),
             _ => {}
         }
         self.update_interest(ops);

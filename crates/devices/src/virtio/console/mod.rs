@@ -34,6 +34,7 @@ use std::sync::{Arc, Mutex};
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::timerfd::TimerFd;
 
 /// Virtio device ID of a console.
 pub const VIRTIO_ID_CONSOLE: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
@@ -221,6 +222,9 @@ impl VirtioDevice for Console {
             resume,
             listener_watched: false,
             client_watched: None,
+            stall_timer: TimerFd::new()
+                .map_err(|e| VirtioError::Host(format!("console stall timer: {e}")))?,
+            stall_armed: false,
         };
         let w = Worker::spawn("virtio-console", 2, handler)
             .map_err(|e| VirtioError::Host(format!("console worker: {e}")))?;
