@@ -90,8 +90,12 @@ fn every_command_is_answered_by_the_vm_loop() {
             assert_eq!(s.vcpus[1].vcpu, 1);
             // Every exit kind is reported, the total included (a spinning guest may not have
             // exited at all: a vCPU paused before its first KVM_RUN never was in the guest).
-            assert!(s.vcpus.iter().all(|v| v.exits.contains_key("total")
-                && v.exits.contains_key("interrupted")), "{s:?}");
+            assert!(
+                s.vcpus
+                    .iter()
+                    .all(|v| v.exits.contains_key("total") && v.exits.contains_key("interrupted")),
+                "{s:?}"
+            );
             assert!(s.devices.is_empty());
             assert!(s.balloon.is_none());
         }

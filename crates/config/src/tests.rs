@@ -161,8 +161,7 @@ fn json_round_trip_and_unknown_fields() {
     assert_eq!(cfg.memory.0, 1 << 30);
     let back: VmConfig = serde_json::from_str(&serde_json::to_string(&cfg).unwrap()).unwrap();
     assert_eq!(back, cfg);
-    let bytes: VmConfig =
-        serde_json::from_str(r#"{"kernel":"/k","memory":1073741824}"#).unwrap();
+    let bytes: VmConfig = serde_json::from_str(r#"{"kernel":"/k","memory":1073741824}"#).unwrap();
     assert_eq!(bytes.memory.0, 1 << 30);
     let e = serde_json::from_str::<VmConfig>(r#"{"kernel":"/k","cpu":2}"#).unwrap_err();
     assert!(e.to_string().contains("unknown field `cpu`"), "{e}");

@@ -163,7 +163,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("fv-failure-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let kernel = dir.join("k");
-        std::fs::write(&kernel, b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0\x02\0\x3e\0").unwrap();
+        std::fs::write(
+            &kernel,
+            b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0\x02\0\x3e\0",
+        )
+        .unwrap();
         let disk = |p: &str| DiskConfig {
             path: dir.join(p),
             readonly: false,
@@ -186,8 +190,16 @@ mod tests {
         let f = Failure::config(&e);
         assert_eq!(f.status, StatusCode::UNPROCESSABLE_ENTITY);
         assert_eq!(f.body.field.as_deref(), Some("config.disks[1].path"));
-        assert!(f.body.reason.ends_with("b: no such file"), "{}", f.body.reason);
-        assert!(f.body.error.starts_with("invalid config.disks[1].path: "), "{}", f.body.error);
+        assert!(
+            f.body.reason.ends_with("b: no such file"),
+            "{}",
+            f.body.reason
+        );
+        assert!(
+            f.body.error.starts_with("invalid config.disks[1].path: "),
+            "{}",
+            f.body.error
+        );
         assert_eq!(config_field(&ConfigError::NoCpus), "config.cpus");
         assert_eq!(config_field(&ConfigError::NothingToBoot), "config.kernel");
         assert_eq!(
