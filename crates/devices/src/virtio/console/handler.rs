@@ -256,7 +256,9 @@ impl ConsoleHandler {
 
     /// The stall deadline passed: a flush hangs up on a client that still took nothing.
     fn stall(&mut self) {
-        let _ = self.stall_timer.wait();
+        // Disarming also clears the expiry (no read: the timer may have been re-armed by an
+        // earlier event of the same epoll batch, and a read would then block until it fires).
+        let _ = self.stall_timer.clear();
         self.stall_armed = false;
         let mut sink = lock(&self.sink);
         if let Sink::Socket(s) = &mut *sink {

@@ -279,3 +279,30 @@ fn fuzz_entry_points_run_synchronously() {
     assert_eq!(d.get(DATA + 0x200, 3), b"llo");
     assert_eq!(d.used_elem(0, 1).1, 5);
 }
+
+#[test]
+fn a_client_that_stops_reading_is_hung_up_on_while_the_guest_is_quiet() {
+    let path = temp_path("sock-stall");
+    let (mut d, _m) = up(ConsoleBackend::Socket(path.clone()));
+    let mut stalled = UnixStream::connect(&path).unwrap();
+    // More output than the client's socket holds, then the guest says nothing more.
+    let chunk = vec![b's'; 256 << 10];
+    for i in 0..4u16 {
+        send(&mut d, DATA, &chunk, i + 1);
+    }
+    // The next client waits in the listen queue until the stalled one is hung up on.
+    let mut next = UnixStream::connect(&path).unwrap();
+    let start = Instant::now();
+    next.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 4096];
+    let n = next.read(&mut buf).expect("the next client is served");
+    assert!(n > 0);
+    assert!(start.elapsed() < Duration::from_secs(5));
+    // The stalled client reads what its socket held, then the end.
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut drained = Vec::new();
+    stalled.read_to_end(&mut drained).expect("hung up on");
+    assert!(!drained.is_empty());
+}
