@@ -184,6 +184,40 @@ fn run<H: EventHandler>(epoll: &Epoll, queue_evts: &[EventFd], handler: &mut H) 
     }
 }
 
+/// A device's worker while the device is activated: none before its first activation and after
+/// a reset. What every device with a worker does with it — start it at activation (stopping one
+/// still running: a second activation without a reset), forward queue notifications, stop it
+/// at reset — in one place.
+pub struct WorkerSlot<H: EventHandler>(Option<Worker<H>>);
+
+impl<H: EventHandler> Default for WorkerSlot<H> {
+    fn default() -> Self {
+        WorkerSlot(None)
+    }
+}
+
+impl<H: EventHandler> WorkerSlot<H> {
+    /// Starts `handler` on a thread named `name` watching `queues` notification events, after
+    /// stopping the worker still running, if any.
+    pub fn start(&mut self, name: &str, queues: usize, handler: H) -> io::Result<()> {
+        drop(self.stop());
+        self.0 = Some(Worker::spawn(name, queues, handler)?);
+        Ok(())
+    }
+
+    /// Forwards the driver's notification of `queue` to the worker, if one runs.
+    pub fn notify(&self, queue: usize) {
+        if let Some(w) = &self.0 {
+            w.notify(queue);
+        }
+    }
+
+    /// Stops the worker, if one runs, and hands its handler back (see [`Worker::stop`]).
+    pub fn stop(&mut self) -> Option<H> {
+        self.0.take().and_then(Worker::stop)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

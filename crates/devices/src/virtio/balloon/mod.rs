@@ -27,7 +27,7 @@ pub use handler::BalloonHandler;
 pub use metrics::BalloonMetrics;
 pub use stats::BalloonStats;
 
-use super::worker::Worker;
+use super::worker::WorkerSlot;
 use super::{
     InterruptKind, Metrics, VirtioDevice, VirtioError, VirtioInterrupt, VIRTIO_F_VERSION_1,
 };
@@ -162,7 +162,7 @@ pub struct Balloon {
     shared: Arc<Shared>,
     metrics: Arc<BalloonMetrics>,
     queue_sizes: Vec<u16>,
-    worker: Option<Worker<BalloonHandler>>,
+    worker: WorkerSlot<BalloonHandler>,
 }
 
 impl Balloon {
@@ -184,7 +184,7 @@ impl Balloon {
             shared,
             metrics: Arc::new(BalloonMetrics::default()),
             queue_sizes: vec![QUEUE_SIZE; nq],
-            worker: None,
+            worker: WorkerSlot::default(),
         }
     }
 
@@ -298,9 +298,7 @@ impl VirtioDevice for Balloon {
         queues: Vec<Queue>,
         interrupt: Arc<dyn VirtioInterrupt>,
     ) -> Result<(), VirtioError> {
-        if let Some(w) = self.worker.take() {
-            drop(w.stop());
-        }
+        drop(self.worker.stop());
         let roles = queue_roles(features & self.features());
         let mut slots = Vec::with_capacity(queues.len());
         for (i, q) in queues.into_iter().enumerate() {
@@ -340,11 +338,8 @@ impl VirtioDevice for Balloon {
             resume: Some(resume),
         };
         *lock(&self.shared.interrupt) = Some(interrupt);
-        match Worker::spawn("virtio-balloon", nq, handler) {
-            Ok(w) => {
-                self.worker = Some(w);
-                Ok(())
-            }
+        match self.worker.start("virtio-balloon", nq, handler) {
+            Ok(()) => Ok(()),
             Err(e) => {
                 *lock(&self.shared.interrupt) = None;
                 Err(VirtioError::Host(format!("balloon worker: {e}")))
@@ -353,15 +348,11 @@ impl VirtioDevice for Balloon {
     }
 
     fn queue_notify(&mut self, index: usize) {
-        if let Some(w) = &self.worker {
-            w.notify(index);
-        }
+        self.worker.notify(index);
     }
 
     fn reset(&mut self) {
-        if let Some(w) = self.worker.take() {
-            drop(w.stop());
-        }
+        drop(self.worker.stop());
         *lock(&self.shared.interrupt) = None;
         self.shared.actual_pages.store(0, Ordering::SeqCst);
     }

@@ -19,7 +19,7 @@ mod tests;
 
 pub use handler::RequestProcessor;
 
-use super::worker::Worker;
+use super::worker::WorkerSlot;
 use super::{Metrics, VirtioDevice, VirtioError, VirtioInterrupt, VIRTIO_F_VERSION_1};
 use crate::rate_limiter::{RateLimit, RateLimiter};
 use disk::Disk;
@@ -193,7 +193,7 @@ pub struct Block {
     rate: RateLimit,
     engine: IoEngine,
     metrics: Arc<BlockMetrics>,
-    worker: Option<Worker<BlockWorker>>,
+    worker: WorkerSlot<BlockWorker>,
 }
 
 impl Block {
@@ -254,7 +254,7 @@ impl Block {
             rate: cfg.rate,
             engine,
             metrics: Arc::new(BlockMetrics::default()),
-            worker: None,
+            worker: WorkerSlot::default(),
         })
     }
 
@@ -338,24 +338,19 @@ impl VirtioDevice for Block {
         };
         let handler = BlockWorker::new(core, mem, queue, interrupt, engine, limiter)
             .map_err(|e| VirtioError::Host(format!("virtio-blk: {e}")))?;
-        let worker = Worker::spawn("fv-blk", 1, handler)
-            .map_err(|e| VirtioError::Host(format!("virtio-blk worker: {e}")))?;
-        self.worker = Some(worker);
-        Ok(())
+        self.worker
+            .start("fv-blk", 1, handler)
+            .map_err(|e| VirtioError::Host(format!("virtio-blk worker: {e}")))
     }
 
     fn queue_notify(&mut self, index: usize) {
-        if let Some(w) = &self.worker {
-            w.notify(index);
-        }
+        self.worker.notify(index);
     }
 
     fn reset(&mut self) {
-        if let Some(w) = self.worker.take() {
-            // Joins the thread and drops its state (queue, engine): that waits for in-flight
-            // I/O before guest memory goes.
-            drop(w.stop());
-        }
+        // Joins the thread and drops its state (queue, engine): that waits for in-flight I/O
+        // before guest memory goes.
+        drop(self.worker.stop());
         self.metrics.inflight.store(0, Ordering::Relaxed);
     }
 

@@ -22,7 +22,7 @@ mod tests;
 pub use handler::{process_receive, process_transmit};
 pub use metrics::ConsoleMetrics;
 
-use super::worker::Worker;
+use super::worker::WorkerSlot;
 use super::{Metrics, VirtioDevice, VirtioError, VirtioInterrupt, VIRTIO_F_VERSION_1};
 use crate::console_socket::{self, SocketConsole};
 use handler::ConsoleHandler;
@@ -114,7 +114,7 @@ impl Drop for SocketPath {
 pub struct Console {
     sink: Arc<Mutex<Sink>>,
     metrics: Arc<ConsoleMetrics>,
-    worker: Option<Worker<ConsoleHandler>>,
+    worker: WorkerSlot<ConsoleHandler>,
     // Dropped after the worker (fields drop in declaration order).
     _socket_path: Option<SocketPath>,
 }
@@ -144,7 +144,7 @@ impl Console {
         Ok(Console {
             sink: Arc::new(Mutex::new(sink)),
             metrics: Arc::new(ConsoleMetrics::default()),
-            worker: None,
+            worker: WorkerSlot::default(),
             _socket_path: socket_path,
         })
     }
@@ -206,9 +206,7 @@ impl VirtioDevice for Console {
         queues: Vec<Queue>,
         interrupt: Arc<dyn VirtioInterrupt>,
     ) -> Result<(), VirtioError> {
-        if let Some(w) = self.worker.take() {
-            drop(w.stop());
-        }
+        drop(self.worker.stop());
         let [rx, tx] = super::ready_queues::<2>(queues)?;
         let resume = EventFd::new(EFD_NONBLOCK)
             .map_err(|e| VirtioError::Host(format!("console eventfd: {e}")))?;
@@ -226,22 +224,17 @@ impl VirtioDevice for Console {
                 .map_err(|e| VirtioError::Host(format!("console stall timer: {e}")))?,
             stall_armed: false,
         };
-        let w = Worker::spawn("virtio-console", 2, handler)
-            .map_err(|e| VirtioError::Host(format!("console worker: {e}")))?;
-        self.worker = Some(w);
-        Ok(())
+        self.worker
+            .start("virtio-console", 2, handler)
+            .map_err(|e| VirtioError::Host(format!("console worker: {e}")))
     }
 
     fn queue_notify(&mut self, index: usize) {
-        if let Some(w) = &self.worker {
-            w.notify(index);
-        }
+        self.worker.notify(index);
     }
 
     fn reset(&mut self) {
-        if let Some(w) = self.worker.take() {
-            drop(w.stop());
-        }
+        drop(self.worker.stop());
     }
 
     fn metrics(&self) -> Option<Arc<dyn Metrics>> {

@@ -30,7 +30,7 @@ mod tests;
 pub use handler::{NetHandler, RxStatus, TxStatus};
 pub use metrics::NetMetrics;
 
-use super::worker::Worker;
+use super::worker::WorkerSlot;
 use super::{Metrics, VirtioDevice, VirtioError, VirtioInterrupt, VIRTIO_F_VERSION_1};
 use crate::rate_limiter::RateLimit;
 use crate::tap::{Tap, TapError, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN};
@@ -194,7 +194,7 @@ pub struct Net {
     mac: [u8; 6],
     rate: RateLimit,
     metrics: Arc<NetMetrics>,
-    worker: Option<Worker<NetHandler>>,
+    worker: WorkerSlot<NetHandler>,
 }
 
 impl Net {
@@ -247,7 +247,7 @@ impl Net {
             mac,
             rate,
             metrics: Arc::new(NetMetrics::default()),
-            worker: None,
+            worker: WorkerSlot::default(),
         }
     }
 
@@ -316,9 +316,7 @@ impl VirtioDevice for Net {
         queues: Vec<Queue>,
         interrupt: Arc<dyn VirtioInterrupt>,
     ) -> Result<(), VirtioError> {
-        if let Some(w) = self.worker.take() {
-            drop(w.stop());
-        }
+        drop(self.worker.stop());
         let [rx, tx] = super::ready_queues::<2>(queues)?;
         let features = features & OFFERED_FEATURES;
         let flags = tap_offload_flags(features);
@@ -341,22 +339,17 @@ impl VirtioDevice for Net {
         )
         .map_err(|e| VirtioError::Host(format!("TAP {}: rate limiter: {e}", self.tap_name)))?;
         let name = format!("net-{}", self.id.as_deref().unwrap_or(&self.tap_name));
-        let worker = Worker::spawn(&name, 2, handler)
-            .map_err(|e| VirtioError::Host(format!("TAP {}: worker thread: {e}", self.tap_name)))?;
-        self.worker = Some(worker);
-        Ok(())
+        self.worker
+            .start(&name, 2, handler)
+            .map_err(|e| VirtioError::Host(format!("TAP {}: worker thread: {e}", self.tap_name)))
     }
 
     fn queue_notify(&mut self, index: usize) {
-        if let Some(w) = &self.worker {
-            w.notify(index);
-        }
+        self.worker.notify(index);
     }
 
     fn reset(&mut self) {
-        if let Some(w) = self.worker.take() {
-            drop(w.stop());
-        }
+        drop(self.worker.stop());
         // Until the next driver says what it accepts, the kernel hands over no offloaded frames.
         if let Err(e) = self.backend.set_offload(0) {
             tracing::warn!("TAP {}: clearing offloads at reset: {e}", self.tap_name);

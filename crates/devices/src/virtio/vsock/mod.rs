@@ -19,7 +19,7 @@ pub mod packet;
 pub use connection::{CONN_BUF_ALLOC, CREDIT_UPDATE_THRESHOLD};
 pub use muxer::Muxer;
 
-use super::worker::{EventHandler, EventOps, Worker};
+use super::worker::{EventHandler, EventOps, WorkerSlot};
 use super::{InterruptKind, VirtioDevice, VirtioError, VirtioInterrupt, VIRTIO_F_VERSION_1};
 use muxer::{Limits, TOKEN_KICK, TOKEN_LISTENER, TOKEN_TIMER};
 use std::io;
@@ -144,7 +144,7 @@ pub struct Vsock {
     listener: UnixListener,
     /// (device, inode) of the socket file we created, to remove only that on drop.
     ident: Option<(u64, u64)>,
-    worker: Option<Worker<Handler>>,
+    worker: WorkerSlot<Handler>,
     metrics: Arc<VsockMetrics>,
     limits: Limits,
 }
@@ -201,7 +201,7 @@ impl Vsock {
             path,
             listener,
             ident,
-            worker: None,
+            worker: WorkerSlot::default(),
             metrics: Arc::new(VsockMetrics::default()),
             limits: Limits::default(),
         }
@@ -229,9 +229,7 @@ impl Vsock {
     }
 
     fn stop(&mut self) {
-        if let Some(w) = self.worker.take() {
-            drop(w.stop());
-        }
+        drop(self.worker.stop());
     }
 }
 
@@ -417,14 +415,11 @@ impl VirtioDevice for Vsock {
             armed: None,
             kick: EventFd::new(EFD_NONBLOCK).map_err(host)?,
         };
-        self.worker = Some(Worker::spawn("vsock", 3, handler).map_err(host)?);
-        Ok(())
+        self.worker.start("vsock", 3, handler).map_err(host)
     }
 
     fn queue_notify(&mut self, index: usize) {
-        if let Some(w) = &self.worker {
-            w.notify(index);
-        }
+        self.worker.notify(index);
     }
 
     fn reset(&mut self) {
