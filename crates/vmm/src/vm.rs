@@ -294,7 +294,7 @@ impl Vm {
         let mut watchdog = (self.kernel_boot && self.flavour == KvmFlavour::Pvm)
             .then(|| Instant::now() + PVM_PROGRESS_TIMEOUT);
         let event = loop {
-            let event = self.next_event(watchdog, &running.threads);
+            let event = self.next_event(watchdog, &running);
             match event {
                 Some(VmEvent::Command(CommandRequest { command, reply })) => {
                     let stop = command == VmCommand::Stop;
@@ -363,17 +363,15 @@ KVM is PVM and the kernel is not PVM-aware",
 
     /// Waits for the next event. With a `watchdog` deadline, gives up (`None`) when it passes
     /// and no vCPU has exited to the VMM by then.
-    fn next_event(&self, watchdog: Option<Instant>, threads: &[VcpuThread]) -> Option<VmEvent> {
+    fn next_event(&self, watchdog: Option<Instant>, running: &Running) -> Option<VmEvent> {
         if let Some(deadline) = watchdog {
             let limit = deadline.saturating_duration_since(Instant::now());
             match self.events_rx.recv_timeout(limit) {
                 Ok(ev) => return Some(ev),
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                    let exits: u64 = threads.iter().map(|(_, s)| s.counters().total()).sum();
-                    if exits == 0 {
-                        return None;
-                    }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) if running.exits() == 0 => {
+                    return None;
                 }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
                 Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
                     return Some(VmEvent::UserQuit)
                 }
