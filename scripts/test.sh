@@ -15,6 +15,8 @@ guest/assets.sh >/dev/null
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --release -- -D warnings
+# No circle of imports between the modules of any crate (the crates' own arrows Cargo checks).
+python3 scripts/module-graph.py crates/*/src >/dev/null || python3 scripts/module-graph.py crates/*/src
 # One build (release) serves the tests, the lab (smaller binary, faster to boot under TCG) and
 # the README's main command.
 cargo test --workspace --release "$@" -- --nocapture
