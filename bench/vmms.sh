@@ -4,7 +4,8 @@
 #
 #   vmm_cmd VMM KERNEL INITRD ARGS [PREFIX...]
 #
-# runs PREFIX... followed by the VMM's command line (VMM: ferrovisor | qemu)
+# runs PREFIX... followed by the VMM's command line (VMM: ferrovisor | qemu |
+# qemu-kirq, the last only without devices; FV_EXTRA, QEMU_EXTRA: more flags)
 # booting KERNEL + INITRD with $BENCH_CPUS vCPUs and $BENCH_MEM of memory and
 # the kernel command line "console=ttyS0 ARGS" on the serial console on
 # stdout. PREFIX may be `exec`, `show_cmd` (print the command), a launcher, ...
@@ -67,14 +68,20 @@ vmm_cmd() {
   fi
   case "$_vmm" in
     ferrovisor)
+      # shellcheck disable=SC2086  # FV_EXTRA: extra flags, split on purpose
       "$@" "$FERROVISOR" run --kernel "$_kernel" --initrd "$_initrd" \
         --cpus "$BENCH_CPUS" --memory "$BENCH_MEM" \
-        --cmdline "$_args" --serial stdio ;;
-    qemu)
-      "$@" "$QEMU" -M microvm,isa-serial=on,rtc=on -accel kvm -cpu host \
+        --cmdline "$_args" --serial stdio ${FV_EXTRA:-} ;;
+    qemu|qemu-kirq)
+      # qemu: microvm's default, a split irqchip (LAPICs in KVM, IOAPIC/PIC/PIT in QEMU);
+      # qemu-kirq: the whole irqchip and the PIT in KVM, as Ferrovisor has it.
+      _accel=kvm
+      [ "$_vmm" = qemu-kirq ] && _accel=kvm,kernel-irqchip=on
+      # shellcheck disable=SC2086  # QEMU_EXTRA: extra flags, split on purpose
+      "$@" "$QEMU" -M microvm,isa-serial=on,rtc=on -accel "$_accel" -cpu host \
         -smp "$BENCH_CPUS" -m "$BENCH_MEM" \
         -nodefaults -no-user-config -display none -serial stdio \
-        -kernel "$_kernel" -initrd "$_initrd" -append "console=ttyS0 $_args" ;;
+        -kernel "$_kernel" -initrd "$_initrd" -append "console=ttyS0 $_args" ${QEMU_EXTRA:-} ;;
     *)
       echo "vmm_cmd: unknown VMM $_vmm" >&2; return 2 ;;
   esac

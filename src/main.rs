@@ -122,6 +122,11 @@ struct RunArgs {
     /// pid): how a supervisor that is not this process's parent learns how it ended.
     #[arg(long, value_name = "PATH")]
     exit_report: Option<PathBuf>,
+    /// Record KVM's trace events for this VM's vCPUs (a tracefs instance of its own, needs
+    /// root) and print the last ones in the report when the guest faults: how to see what a
+    /// triple-faulting guest did last.
+    #[arg(long)]
+    fault_trace: bool,
     /// KVM device.
     #[arg(long, env = "FERROVISOR_KVM", default_value = KVM_PATH)]
     kvm: PathBuf,
@@ -265,6 +270,9 @@ fn run(args: &RunArgs, started: Instant) -> anyhow::Result<ExitReason> {
     let mut vm = Vm::build(&config, &args.kvm, started)?;
     if let Some(path) = &args.control {
         vm.set_control_socket(path);
+    }
+    if args.fault_trace {
+        vm.enable_fault_trace();
     }
     let outcome = vm.run().context("running the VM")?;
     let e = &outcome.exits;

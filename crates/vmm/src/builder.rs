@@ -19,7 +19,7 @@ use devices::legacy::{
     AcpiPm, Ged, PvPanic, ResetControl, Serial, ACPI_PM_LEN, GED_LEN, I8042, RESET_CONTROL_PORT,
 };
 use devices::{Bus, Interrupt, VmRequestFn};
-use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use std::path::Path;
 use std::sync::mpsc::channel;
 use std::sync::{Arc, Mutex};
@@ -65,15 +65,8 @@ pub fn build_for_boot(config: &VmConfig, kvm_path: &Path, started: Instant) -> R
     vm_fd
         .set_tss_address(KVM_TSS_START as usize)
         .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-    vm_fd
-        .create_irq_chip()
-        .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-    vm_fd
-        .create_pit2(kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        })
-        .map_err(kvm_err("KVM_CREATE_PIT2"))?;
+    // IOAPIC, LAPICs and a masked PIC the guest never sees; no PIT (see irqchip.rs).
+    crate::irqchip::create(&vm_fd).map_err(|(op, source)| kvm_err(op)(source))?;
 
     let mem = memory::create_guest_memory(config.memory.0)?;
     let mut next_slot = memory::register_with_kvm(&vm_fd, &mem, 0)
@@ -193,6 +186,7 @@ pub fn build_for_boot(config: &VmConfig, kvm_path: &Path, started: Instant) -> R
         host_cpuid: &host_cpuid,
         vcpu_count: config.cpus,
         pmu: config.pmu,
+        tsc_deadline: kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer),
         brand: cpu::cpuid::host_brand(),
         entry,
         mem: &mem,
@@ -223,6 +217,7 @@ pub fn build_for_boot(config: &VmConfig, kvm_path: &Path, started: Instant) -> R
         device_entries: built.entries,
         balloon: built.balloon,
         control_path: None,
+        fault_trace: false,
         cpus: config.cpus,
         memory_size: config.memory.0,
         started,

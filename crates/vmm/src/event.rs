@@ -41,12 +41,21 @@ pub struct FaultReport {
     pub registers: String,
     /// What to do about it.
     pub hint: Option<String>,
+    /// KVM's last trace events for this vCPU (`--fault-trace`), oldest first; empty without.
+    pub trace: String,
 }
 
 impl std::fmt::Display for FaultReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(f, "vCPU {}: {}", self.vcpu, self.kind)?;
         writeln!(f, "{}", self.registers)?;
+        if !self.trace.is_empty() {
+            writeln!(
+                f,
+                "last KVM events of this vCPU (--fault-trace, oldest first):\n{}",
+                self.trace
+            )?;
+        }
         if let Some(h) = &self.hint {
             write!(f, "hint: {h}")?;
         }

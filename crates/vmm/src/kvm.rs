@@ -148,7 +148,11 @@ has everything Ferrovisor needs)"
 /// Capabilities the VMM cannot work without, and why.
 pub const REQUIRED_CAPS: &[(Cap, &str, &str)] = &[
     (Cap::Irqchip, "KVM_CAP_IRQCHIP", "in-kernel IOAPIC/LAPIC"),
-    (Cap::Pit2, "KVM_CAP_PIT2", "in-kernel PIT"),
+    (
+        Cap::IrqRouting,
+        "KVM_CAP_IRQ_ROUTING",
+        "IOAPIC-only interrupt routing",
+    ),
     (Cap::UserMemory, "KVM_CAP_USER_MEMORY", "guest memory slots"),
     (Cap::SetTssAddr, "KVM_CAP_SET_TSS_ADDR", "x86 TSS placement"),
     (Cap::ExtCpuid, "KVM_CAP_EXT_CPUID", "CPUID set-up"),

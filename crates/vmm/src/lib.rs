@@ -7,6 +7,8 @@ pub mod console;
 pub mod control;
 pub mod cpu;
 pub mod event;
+pub mod fault_trace;
+pub mod irqchip;
 pub mod kvm;
 pub mod memory;
 pub mod terminal;

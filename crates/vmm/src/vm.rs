@@ -13,6 +13,7 @@ use crate::console::{Console, ConsoleError};
 use crate::cpu::regs::RegsError;
 use crate::cpu::{self, ExitCounts, RunControl, Vcpu, VcpuStats};
 use crate::event::{CommandRequest, FaultReport, VmEvent};
+use crate::fault_trace::{FaultTrace, REPORT_LINES};
 use crate::kvm::{self, KvmError, KvmFlavour, PVM_HINT};
 use crate::memory;
 use crate::virtio::DeviceEntry;
@@ -165,6 +166,7 @@ pub struct Vm {
     pub(crate) device_entries: Vec<DeviceEntry>,
     pub(crate) balloon: Option<devices::virtio::balloon::BalloonControl>,
     pub(crate) control_path: Option<std::path::PathBuf>,
+    pub(crate) fault_trace: bool,
     pub(crate) cpus: u32,
     pub(crate) memory_size: u64,
     pub(crate) serial: Arc<Mutex<Serial>>,
@@ -194,6 +196,12 @@ impl Vm {
     /// Serves a control socket at `path` while the VM runs (see [`crate::control`]).
     pub fn set_control_socket(&mut self, path: &Path) {
         self.control_path = Some(path.to_path_buf());
+    }
+
+    /// Records KVM's trace events for the vCPUs while the VM runs and puts the last ones into
+    /// a fault report (see [`crate::fault_trace`]).
+    pub fn enable_fault_trace(&mut self) {
+        self.fault_trace = true;
     }
 
     /// A handle that sends [`VmCommand`]s to this VM once it runs, without any socket.
@@ -246,6 +254,25 @@ impl Vm {
             .start_input(self.serial.clone(), self.events_tx.clone())
             .map_err(io_err("starting serial input"))?;
 
+        // Before the vCPU threads exist: they inherit its event filter.
+        let fault_trace = if self.fault_trace {
+            match FaultTrace::start() {
+                Ok(t) => {
+                    tracing::info!(
+                        "fault trace: {} KVM events recorded in {}",
+                        t.events.len(),
+                        t.dir().display()
+                    );
+                    Some(t)
+                }
+                Err(e) => {
+                    tracing::warn!("fault trace not available, running without: {e}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let run_start = Instant::now();
         let mut threads: Vec<VcpuThread> = Vec::new();
         for vcpu in self.vcpus.drain(..) {
@@ -335,6 +362,17 @@ impl Vm {
         if let Some(l) = virtio_loop {
             l.stop();
         }
+        let event = match (event, &fault_trace) {
+            (Some(VmEvent::Fault(mut f)), Some(trace)) => {
+                match trace.freeze_and_read(&format!("fv-vcpu-{}", f.vcpu), REPORT_LINES) {
+                    Ok(t) => f.trace = t,
+                    Err(e) => tracing::warn!("reading the fault trace: {e}"),
+                }
+                Some(VmEvent::Fault(f))
+            }
+            (event, _) => event,
+        };
+        drop(fault_trace);
         let reason = match event {
             Some(VmEvent::Request(VmRequest::Poweroff)) => ExitReason::Poweroff,
             Some(VmEvent::Request(VmRequest::Reset)) => ExitReason::Reset,
@@ -352,6 +390,7 @@ KVM is PVM and the kernel is not PVM-aware",
                 ),
                 registers: first_registers,
                 hint: Some(PVM_HINT.to_string()),
+                trace: String::new(),
             })),
         };
         Ok(VmOutcome {
@@ -618,6 +657,7 @@ mod tests {
             kind: "triple fault".into(),
             registers: String::new(),
             hint: None,
+            trace: String::new(),
         }))
         .exit_report();
         assert_eq!(f.reason, ExitKind::Fault);

@@ -28,8 +28,9 @@ pub const PVPANIC_PORT: u16 = 0x505;
 pub const ACPI_PM_PORT: u16 = 0x600;
 /// The Generic Event Device's event register ([`devices::legacy::Ged`]), right after it.
 pub const GED_PORT: u16 = 0x604;
-/// The GED's interrupt: an ISA-range GSI nothing else uses (COM1 is 4, the PIT 2, virtio
-/// 16–23; a hardware-reduced platform has no SCI), edge-triggered like every irqfd line here.
+/// The GED's interrupt: an ISA-range GSI nothing else uses (COM1 is 4, virtio 16–23; there is
+/// no PIT, and a hardware-reduced platform has no SCI), edge-triggered like every irqfd line
+/// here.
 pub const GED_GSI: u32 = 10;
 
 /// A device described in the DSDT beyond the fixed ones.
@@ -46,11 +47,15 @@ pub enum DsdtDevice {
     },
 }
 
-/// The MADT: one enabled local APIC per vCPU, the IOAPIC, and the ISA overrides.
+/// The MADT: one enabled local APIC per vCPU and the IOAPIC (GSI base 0).
+///
+/// What it leaves out on purpose, to match the interrupt routing (`crate::irqchip`): the
+/// `PCAT_COMPAT` flag (the 8259s exist inside KVM but are masked and receive no line) and any
+/// interrupt source override (there is no PIT; every GSI is its IOAPIC pin).
 pub fn madt(cpus: u32) -> Sdt {
     let mut t = Sdt::new(*b"APIC", 44, 5, OEM_ID, *b"FVMADT  ", OEM_REVISION);
     t.write_u32(36, LAPIC_START as u32);
-    t.write_u32(40, 1); // PCAT_COMPAT: the dual 8259s are present (in-kernel irqchip).
+    t.write_u32(40, 0); // flags: no PCAT_COMPAT.
     for id in 0..cpus {
         // Processor Local APIC: type 0, length 8, ACPI UID, APIC ID, flags (enabled).
         t.append_slice(&[0, 8, id as u8, id as u8, 1, 0, 0, 0]);
@@ -60,8 +65,6 @@ pub fn madt(cpus: u32) -> Sdt {
     ioapic.extend_from_slice(&(IOAPIC_START as u32).to_le_bytes());
     ioapic.extend_from_slice(&0u32.to_le_bytes());
     t.append_slice(&ioapic);
-    // Interrupt source override: ISA IRQ 0 (PIT) → GSI 2, conforming polarity/trigger.
-    t.append_slice(&[2, 10, 0, 0, 2, 0, 0, 0, 0, 0]);
     // Local APIC NMI: all processors (0xff), flags 0, LINT1.
     t.append_slice(&[4, 6, 0xff, 0, 0, 1]);
     t.update_checksum();
@@ -364,7 +367,7 @@ mod tests {
         );
         let dsdt = table(&mem, u64_at(&fadt, 140), b"DSDT");
 
-        // MADT: 4 enabled LAPICs with IDs 0..3, one IOAPIC, the IRQ0 override.
+        // MADT: 4 enabled LAPICs with IDs 0..3, one IOAPIC, no PCAT_COMPAT, no overrides.
         let mut off = 44;
         let mut lapics = vec![];
         let mut ioapics = 0;
@@ -382,17 +385,19 @@ mod tests {
                     let a = u32::from_le_bytes(madt[off + 4..off + 8].try_into().unwrap());
                     assert_eq!(u64::from(a), IOAPIC_START);
                 }
-                2 => {
-                    overrides += 1;
-                    assert_eq!((madt[off + 3], madt[off + 4]), (0, 2));
-                }
+                2 => overrides += 1,
                 _ => {}
             }
             off += len;
         }
         assert_eq!(off, madt.len());
         assert_eq!(lapics, vec![0, 1, 2, 3]);
-        assert_eq!((ioapics, overrides), (1, 1));
+        assert_eq!((ioapics, overrides), (1, 0));
+        assert_eq!(
+            u32::from_le_bytes(madt[40..44].try_into().unwrap()),
+            0,
+            "MADT flags"
+        );
 
         // DSDT: the names a stock kernel matches on.
         let has = |s: &[u8]| dsdt.windows(s.len()).any(|w| w == s);

@@ -14,6 +14,9 @@ pub struct CpuidParams {
     pub vcpu_count: u32,
     /// Whether the guest may use the PMU.
     pub pmu: bool,
+    /// Whether KVM emulates the local APIC's TSC-deadline mode (`KVM_CAP_TSC_DEADLINE_TIMER`);
+    /// `KVM_GET_SUPPORTED_CPUID` never reports it, so the VMM offers it (leaf 1 ECX[24]).
+    pub tsc_deadline: bool,
 }
 
 /// The processor brand string leaves (0x8000_0002..=0x8000_0004).
@@ -37,14 +40,29 @@ pub fn host_brand() -> Option<[u32; 12]> {
 // Leaf 1.
 const L1_ECX_VMX: u32 = 1 << 5;
 const L1_ECX_PDCM: u32 = 1 << 15;
+const L1_ECX_TSC_DEADLINE: u32 = 1 << 24;
 const L1_ECX_HYPERVISOR: u32 = 1 << 31;
 const L1_EDX_HTT: u32 = 1 << 28;
+// Leaf 7 subleaf 0.
+const L7_EDX_ARCH_CAPABILITIES: u32 = 1 << 29;
 // Leaf 0x8000_0001.
 const E1_ECX_SVM: u32 = 1 << 2;
 const E1_ECX_TOPOEXT: u32 = 1 << 22;
 const E1_ECX_PERFCTR_CORE: u32 = 1 << 23;
 const E1_ECX_PERFCTR_NB: u32 = 1 << 24;
 const E1_ECX_PERFCTR_LLC: u32 = 1 << 28;
+
+// Leaf 0x4000_0001 EAX (KVM_FEATURE_*): paravirt features that need the VMM's help, not only
+// KVM's. Everything else KVM reports (kvmclock, async PF, steal time, PV EOI, PV unhalt, PV TLB
+// flush, PV IPI, poll control, sched yield) KVM implements in the kernel on its own.
+/// 15-bit MSI destination IDs: only for an IOAPIC that emits them (KVM's in-kernel one does not).
+const KVM_FEATURE_MSI_EXT_DEST_ID: u32 = 1 << 15;
+/// The map-GPA-range hypercall: exits to the VMM, which does not handle it.
+const KVM_FEATURE_HC_MAP_GPA_RANGE: u32 = 1 << 16;
+/// Migration control MSR: for a VMM that migrates encrypted guests.
+const KVM_FEATURE_MIGRATION_CONTROL: u32 = 1 << 17;
+const KVM_FEATURES_NEEDING_THE_VMM: u32 =
+    KVM_FEATURE_MSI_EXT_DEST_ID | KVM_FEATURE_HC_MAP_GPA_RANGE | KVM_FEATURE_MIGRATION_CONTROL;
 
 /// KVM's CPUID signature leaf.
 pub const KVM_SIGNATURE_LEAF: u32 = 0x4000_0000;
@@ -114,6 +132,11 @@ pub fn filter_cpuid(
                 if !p.pmu {
                     e.ecx &= !L1_ECX_PDCM;
                 }
+                if p.tsc_deadline {
+                    e.ecx |= L1_ECX_TSC_DEADLINE;
+                } else {
+                    e.ecx &= !L1_ECX_TSC_DEADLINE;
+                }
                 if count > 1 {
                     e.edx |= L1_EDX_HTT;
                 } else {
@@ -126,6 +149,12 @@ pub fn filter_cpuid(
                 let sharing = if cache_level >= 3 { count - 1 } else { 0 };
                 e.eax = (e.eax & 0x3fff) | ((sharing & 0xfff) << 14) | (((count - 1) & 0x3f) << 26);
             }
+            // IA32_ARCH_CAPABILITIES is an Intel MSR. KVM emulates it on AMD too and reports
+            // the bit, but a guest on an AMD CPU reading Intel's vulnerability bits from it
+            // learns nothing true about the host (Firecracker clears it on AMD as well).
+            0x7 if e.index == 0 && amd => {
+                e.edx &= !L7_EDX_ARCH_CAPABILITIES;
+            }
             0xa | 0x23 if !p.pmu => {
                 e.eax = 0;
                 e.ebx = 0;
@@ -134,6 +163,7 @@ pub fn filter_cpuid(
             }
             // Rebuilt below.
             0xb | 0x1f => continue,
+            0x4000_0001 => e.eax &= !KVM_FEATURES_NEEDING_THE_VMM,
             0x8000_0001 => {
                 e.ecx &= !E1_ECX_SVM;
                 if !p.pmu {
@@ -245,6 +275,7 @@ mod tests {
             leaf(0, 0, 0x1f, 0x756e_6547, 0x6c65_746e, 0x4965_6e69),
             leaf(1, 0, 0x806f8, 0x0010_0800, L1_ECX_VMX | L1_ECX_PDCM | 1, 0),
             leaf(4, 0, (1 << 5) | 0x21, 0, 0, 0),
+            leaf(7, 0, 0, 0, 0, L7_EDX_ARCH_CAPABILITIES),
             leaf(4, 3, (3 << 5) | 0x63, 0, 0, 0),
             leaf(0xa, 0, 0x0804_0002, 0, 0, 0x603),
             leaf(0xb, 0, 1, 2, 0x100, 7),
@@ -272,6 +303,7 @@ mod tests {
                     vcpu_id: id,
                     vcpu_count: 4,
                     pmu: false,
+                    tsc_deadline: false,
                 },
                 None,
             );
@@ -303,6 +335,7 @@ mod tests {
                 vcpu_id: 0,
                 vcpu_count: 1,
                 pmu: false,
+                tsc_deadline: false,
             },
             None,
         );
@@ -312,6 +345,11 @@ mod tests {
         assert_eq!(l1.edx & L1_EDX_HTT, 0);
         let pmu = find(&v, 0xa, 0);
         assert_eq!((pmu.eax, pmu.edx), (0, 0));
+        assert_eq!(
+            find(&v, 7, 0).edx,
+            L7_EDX_ARCH_CAPABILITIES,
+            "ARCH_CAPABILITIES kept on Intel"
+        );
         let kvm = find(&v, 0x4000_0000, 0);
         assert_eq!([kvm.ebx, kvm.ecx, kvm.edx], KVM_SIGNATURE);
         assert_eq!(
@@ -322,6 +360,46 @@ mod tests {
     }
 
     #[test]
+    fn tsc_deadline_offered_when_kvm_emulates_it() {
+        let p = |tsc_deadline| CpuidParams {
+            vcpu_id: 0,
+            vcpu_count: 1,
+            pmu: false,
+            tsc_deadline,
+        };
+        let on = find(&filter_cpuid(&intel_host(), p(true), None), 1, 0);
+        assert_ne!(on.ecx & L1_ECX_TSC_DEADLINE, 0);
+        let mut host = intel_host();
+        host[1].ecx |= L1_ECX_TSC_DEADLINE;
+        let off = find(&filter_cpuid(&host, p(false), None), 1, 0);
+        assert_eq!(off.ecx & L1_ECX_TSC_DEADLINE, 0);
+    }
+
+    #[test]
+    fn kvm_features_the_vmm_does_not_back_are_hidden() {
+        let mut host = intel_host();
+        let all = 0x0103_ffff;
+        host.iter_mut()
+            .find(|e| e.function == 0x4000_0001)
+            .unwrap()
+            .eax = all;
+        let v = filter_cpuid(
+            &host,
+            CpuidParams {
+                vcpu_id: 0,
+                vcpu_count: 1,
+                pmu: false,
+                tsc_deadline: true,
+            },
+            None,
+        );
+        let eax = find(&v, 0x4000_0001, 0).eax;
+        assert_eq!(eax, all & !KVM_FEATURES_NEEDING_THE_VMM);
+        // kvmclock, async PF, steal time, PV EOI stay: KVM backs them.
+        assert_eq!(eax & 0b111_1001, 0b111_1001);
+    }
+
+    #[test]
     fn pmu_kept_when_enabled() {
         let v = filter_cpuid(
             &intel_host(),
@@ -329,6 +407,7 @@ mod tests {
                 vcpu_id: 0,
                 vcpu_count: 1,
                 pmu: true,
+                tsc_deadline: false,
             },
             None,
         );
@@ -349,6 +428,7 @@ mod tests {
                 E1_ECX_SVM | E1_ECX_TOPOEXT | E1_ECX_PERFCTR_CORE,
                 0,
             ),
+            leaf(7, 0, 0, 0, 0, L7_EDX_ARCH_CAPABILITIES | 1),
             leaf(0x8000_0008, 0, 0x3030, 0, 0x7007, 0),
             leaf(0x8000_000a, 0, 1, 0x8000, 0, 0x1ff),
             leaf(0x8000_001e, 0, 9, 0x100, 0, 0),
@@ -359,8 +439,14 @@ mod tests {
                 vcpu_id: 2,
                 vcpu_count: 3,
                 pmu: false,
+                tsc_deadline: false,
             },
             None,
+        );
+        assert_eq!(
+            find(&v, 7, 0).edx,
+            1,
+            "ARCH_CAPABILITIES hidden on AMD, the rest kept"
         );
         let e1 = find(&v, 0x8000_0001, 0);
         assert_eq!(e1.ecx & (E1_ECX_SVM | E1_ECX_PERFCTR_CORE), 0);
@@ -394,6 +480,7 @@ mod tests {
             vcpu_id: 0,
             vcpu_count: 1,
             pmu: false,
+            tsc_deadline: false,
         };
         let v = filter_cpuid(&host, p, Some(brand));
         let mut s = Vec::new();

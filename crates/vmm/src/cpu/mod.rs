@@ -8,11 +8,12 @@ use crate::event::{FaultReport, VmEvent};
 use devices::sync::lock;
 use devices::{Bus, VmRequest};
 use kvm_bindings::{
-    CpuId, Msrs, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_run, CpuId, Msrs, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use regs::{BootEntry, RegsError};
 use serde::Serialize;
+use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Condvar, Mutex};
@@ -169,11 +170,34 @@ pub fn kick_signal() -> libc::c_int {
     vmm_sys_util::signal::SIGRTMIN()
 }
 
-extern "C" fn noop_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+thread_local! {
+    /// The `kvm_run` area of the vCPU this thread runs (null on other threads, and outside
+    /// [`Vcpu::run`]), for the kick handler.
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
 
-/// Installs the (empty) kick handler; needed once per process before vCPUs run.
+/// The kick: sets `immediate_exit` in this thread's `kvm_run`.
+///
+/// A signal only interrupts `KVM_RUN` if it arrives while the thread is inside it; one that lands
+/// just before (between the run-state check and the ioctl) would be lost, and the vCPU would
+/// run on until its next exit — for an idle guest, a long time. With `immediate_exit` set, the
+/// next `KVM_RUN` returns `EINTR` at once, whenever the kick came.
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let _ = KVM_RUN.try_with(|run| {
+        let run = run.get();
+        if !run.is_null() {
+            // SAFETY: a non-null pointer is this thread's vCPU's kvm_run mapping, set by
+            // `Vcpu::run` for as long as it holds the vCPU (which owns the mapping) and cleared
+            // before it returns; the handler runs on that same thread, so nothing else writes
+            // it meanwhile but KVM, which only reads `immediate_exit`. A volatile byte store.
+            unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
+        }
+    });
+}
+
+/// Installs the kick handler; needed once per process before vCPUs run.
 pub fn install_kick_handler() -> std::io::Result<()> {
-    vmm_sys_util::signal::register_signal_handler(kick_signal(), noop_handler)
+    vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler)
         .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
 }
 
@@ -195,6 +219,8 @@ pub struct VcpuSetup<'a> {
     pub vcpu_count: u32,
     /// Expose the PMU.
     pub pmu: bool,
+    /// KVM emulates the TSC-deadline timer (`KVM_CAP_TSC_DEADLINE_TIMER`).
+    pub tsc_deadline: bool,
     /// The host's CPU brand string ([`cpuid::host_brand`]).
     pub brand: Option<[u32; 12]>,
     /// Entry state for the boot vCPU (ignored for the others, which wait for INIT/SIPI).
@@ -226,6 +252,7 @@ impl Vcpu {
                 vcpu_id: id,
                 vcpu_count: setup.vcpu_count,
                 pmu: setup.pmu,
+                tsc_deadline: setup.tsc_deadline,
             },
             setup.brand,
         );
@@ -286,6 +313,8 @@ impl Vcpu {
     /// Runs until stopped or until the guest does something that ends the VM; reports that
     /// through `events`.
     pub fn run(mut self, ctl: Arc<RunControl>, events: Sender<VmEvent>) -> Vcpu {
+        let run: *mut kvm_run = self.fd.get_kvm_run();
+        KVM_RUN.with(|r| r.set(run));
         while ctl.wait_runnable() {
             if let Some(end) = self.run_once() {
                 let event = self.resolve(end);
@@ -294,6 +323,7 @@ impl Vcpu {
                 break;
             }
         }
+        KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
         tracing::debug!(vcpu = self.id, "vCPU thread exits");
         self
     }
@@ -309,6 +339,8 @@ impl Vcpu {
         let exit = match self.fd.run() {
             Ok(exit) => exit,
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                // A kick: clear it, so the next KVM_RUN (after a pause, say) enters the guest.
+                self.fd.set_kvm_immediate_exit(0);
                 inc(&stats.interrupted);
                 return None;
             }
@@ -427,6 +459,7 @@ the registers below are the reset state, not the state at the fault\n",
             kind,
             registers,
             hint: self.hint.map(str::to_string),
+            trace: String::new(),
         }))
     }
 }
@@ -560,6 +593,34 @@ mod tests {
         regs.rip = 0x1000;
         vcpu.set_regs(&regs).expect("KVM_SET_REGS");
         assert!(!in_reset_state(&vcpu));
+    }
+
+    #[test]
+    fn a_kick_before_kvm_run_is_not_lost() {
+        // Needs a KVM (any flavour: KVM_RUN returns before entering the guest).
+        let Ok(kvm) = kvm_ioctls::Kvm::new() else {
+            eprintln!("SKIPPED a_kick_before_kvm_run_is_not_lost: no usable /dev/kvm");
+            return;
+        };
+        install_kick_handler().unwrap();
+        let vm = kvm.create_vm().expect("KVM_CREATE_VM");
+        let mut fd = vm.create_vcpu(0).expect("KVM_CREATE_VCPU");
+        // On a thread of its own, like a vCPU thread: the kick lands before KVM_RUN.
+        std::thread::spawn(move || {
+            let run: *mut kvm_run = fd.get_kvm_run();
+            KVM_RUN.with(|r| r.set(run));
+            // SAFETY: raise() sends the signal to this thread; its handler is installed.
+            assert_eq!(unsafe { libc::raise(kick_signal()) }, 0);
+            assert_eq!(fd.get_kvm_run().immediate_exit, 1);
+            let e = fd.run().expect_err("KVM_RUN must not enter the guest");
+            assert_eq!(e.errno(), libc::EINTR);
+            KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
+            // On a thread without a vCPU the handler does nothing.
+            // SAFETY: as above.
+            assert_eq!(unsafe { libc::raise(kick_signal()) }, 0);
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]

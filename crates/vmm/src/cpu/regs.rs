@@ -249,6 +249,7 @@ const APIC_LVT0: usize = 0x350;
 const APIC_LVT1: usize = 0x360;
 const APIC_MODE_NMI: u32 = 0x4;
 const APIC_MODE_EXTINT: u32 = 0x7;
+const APIC_LVT_MASKED: u32 = 1 << 16;
 
 fn lapic_reg(l: &kvm_lapic_state, off: usize) -> u32 {
     let b = &l.regs[off..off + 4];
@@ -265,10 +266,19 @@ fn set_delivery_mode(reg: u32, mode: u32) -> u32 {
     (reg & !0x700) | (mode << 8)
 }
 
-/// LINT0 as ExtINT (the PIC) and LINT1 as NMI, as a PC BIOS leaves them.
+/// LINT0 ExtINT but **masked**, LINT1 NMI.
+///
+/// A PC BIOS leaves LINT0 an unmasked ExtINT (virtual-wire mode to the 8259). Here the PIC is
+/// never used (`crate::irqchip`), and Linux keeps LINT0 unmasked on the boot CPU when it finds
+/// it so: a stray PIC output would then arrive as an exception vector. Masked, Linux leaves it
+/// masked ("masked ExtINT on CPU#0"), as on QEMU microvm, whose firmware does not touch it.
 pub fn configure_lint(mut l: kvm_lapic_state) -> kvm_lapic_state {
     let lvt0 = lapic_reg(&l, APIC_LVT0);
-    set_lapic_reg(&mut l, APIC_LVT0, set_delivery_mode(lvt0, APIC_MODE_EXTINT));
+    set_lapic_reg(
+        &mut l,
+        APIC_LVT0,
+        set_delivery_mode(lvt0, APIC_MODE_EXTINT) | APIC_LVT_MASKED,
+    );
     let lvt1 = lapic_reg(&l, APIC_LVT1);
     set_lapic_reg(&mut l, APIC_LVT1, set_delivery_mode(lvt1, APIC_MODE_NMI));
     l
@@ -359,10 +369,9 @@ mod tests {
 
     #[test]
     fn lint_pins() {
-        let mut l = kvm_lapic_state::default();
-        set_lapic_reg(&mut l, APIC_LVT0, 0x0001_0000);
+        let l = kvm_lapic_state::default();
         let l = configure_lint(l);
-        assert_eq!(lapic_reg(&l, APIC_LVT0), 0x0001_0700);
+        assert_eq!(lapic_reg(&l, APIC_LVT0), 0x0001_0700, "ExtINT, masked");
         assert_eq!(lapic_reg(&l, APIC_LVT1), 0x400);
     }
 }
