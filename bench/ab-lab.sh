@@ -83,7 +83,7 @@ traced_exec() {
 start() {
   _arm=$1 _n=$2 _inst=
   _log="$W/$_arm-$_n.log"
-  if [ "$TRACE" = 1 ] && [ "$_arm" != ferrovisor ]; then
+  if [ "$TRACE" = 1 ] && [ "${_arm%-kirq}" != ferrovisor ]; then
     _inst=$(trace_instance "$_arm-$_n")
   fi
   if [ -n "$_inst" ]; then
@@ -93,7 +93,7 @@ start() {
   fi
   _pid=$!
   eval "pid_$_n=$_pid inst_$_n=\$_inst"
-  if [ "$_arm" = ferrovisor ] && [ "$TRACE" = 1 ]; then
+  if [ "${_arm%-kirq}" = ferrovisor ] && [ "$TRACE" = 1 ]; then
     eval "inst_$_n=$TRACEFS/instances/ferrovisor-$_pid"
   fi
 }
@@ -112,7 +112,7 @@ classify() {  # LOG RC KILLED ARM -> result word
     echo ok; return
   fi
   case "$4" in
-    ferrovisor) [ "$2" = 4 ] && { echo fault; return; } ;;
+    ferrovisor*) [ "$2" = 4 ] && { echo fault; return; } ;;
     *) [ "$2" = 0 ] && { echo reset; return; } ;;
   esac
   if grep -q '^FV-INFO' "$1"; then echo died; return; fi
@@ -160,13 +160,18 @@ run_arm() {  # ROUND ARM
     _res=$(classify "$_log" "$_rc" "$_k" "$_arm")
     echo "AB-BOOT session=$SESSION round=$_r arm=$_arm i=$_i result=$_res secs=$_s"
     if [ "$_res" != ok ]; then
+      # The first oops (where it began) and the end of the log.
+      _first=$(grep -n -m 1 -E 'BUG:|Oops|general protection|traps:|invalid opcode|double fault|Kernel panic|WARNING:|triple fault|could not run' "$_log" | cut -d: -f1)
+      if [ -n "$_first" ]; then
+        sed -n "$((_first > 5 ? _first - 5 : 1)),$((_first + 40))p" "$_log" | tr -d '\r' | sed "s/^/AB-FAIL arm=$_arm round=$_r i=$_i first: /"
+      fi
       tail -n 40 "$_log" | tr -d '\r' | sed "s/^/AB-FAIL arm=$_arm round=$_r i=$_i /"
       # Ferrovisor's fault report carries its trace; QEMU's is read here.
-      if [ "$_arm" != ferrovisor ] && [ "$_tr" = 0 ]; then
+      if [ "${_arm%-kirq}" != ferrovisor ] && [ "$_tr" = 0 ]; then
         print_trace "$_arm" "$_r" "$_i" "$_in"
       fi
     fi
-    if [ -n "$_in" ] && [ "$_arm" != ferrovisor ]; then rmdir "$_in" 2>/dev/null; fi
+    if [ -n "$_in" ] && [ "${_arm%-kirq}" != ferrovisor ]; then rmdir "$_in" 2>/dev/null; fi
     eval "traced_$_i=0"
     _i=$((_i + 1))
   done

@@ -12,7 +12,8 @@
 #   --sessions N       lab sessions, one after the other (default 4)
 #   --rounds R         rounds per session; a round boots C guests at once per arm (default 3)
 #   --conc C           guests at once (default 10)
-#   --arms LIST        ferrovisor, qemu (microvm, split irqchip), qemu-kirq (kernel-irqchip=on)
+#   --arms LIST        ferrovisor (its own IOAPIC: split irqchip), ferrovisor-kirq (--irqchip kernel),
+#                      qemu (microvm, split irqchip), qemu-kirq (kernel-irqchip=on)
 #   --cpus/--mem       each guest's vCPUs and memory (default 1, 128M)
 #   --kernel K         vmlinux (PVH entry, default) or bzimage
 #   --cmdline ARGS     after console=ttyS0 (default "quiet fv.action=info")
@@ -63,7 +64,7 @@ done
 [[ "$MEM" =~ ^[1-9][0-9]*[MG]$ ]] || { echo "ab.sh: --mem must look like 128M or 1G (got '$MEM')" >&2; exit 2; }
 case "$KERNEL_KIND" in vmlinux|bzimage) ;; *) echo "ab.sh: --kernel must be vmlinux or bzimage" >&2; exit 2 ;; esac
 for a in $ARMS; do
-  case "$a" in ferrovisor|qemu|qemu-kirq) ;; *) echo "ab.sh: unknown arm $a (ferrovisor, qemu, qemu-kirq)" >&2; exit 2 ;; esac
+  case "$a" in ferrovisor|ferrovisor-kirq|qemu|qemu-kirq) ;; *) echo "ab.sh: unknown arm $a (ferrovisor, ferrovisor-kirq, qemu, qemu-kirq)" >&2; exit 2 ;; esac
 done
 [ -x "$FV" ] || { echo "ab.sh: $FV: no such executable; build it first (cargo build --release)" >&2; exit 1; }
 
@@ -110,7 +111,7 @@ EOF
   if [ "$rc" != 0 ]; then
     # The lab died or timed out: the round in flight is the lab's, not an arm's.
     done_rounds=$(tr -d '\r' < "$log" | grep -c '^AB-ROUND ' || true)
-    last_words=$(tr -d '\r' < "$log" | grep -aE 'Kernel panic|BUG:|stack guard|Attempted to kill|soft lockup|LAB-VERDICT' | head -n 3 | tr '\t' ' ' | paste -sd '|' -)
+    last_words=$(tr -d '\r' < "$log" | grep -av '^AB-' | grep -aE 'Kernel panic|BUG:|stack guard|Attempted to kill|soft lockup|LAB-VERDICT' | head -n 3 | tr '\t' ' ' | paste -sd '|' -)
     r=$((done_rounds + 1))
     if [ "$r" -le "$ROUNDS" ]; then
       for a in $ARMS; do
@@ -122,7 +123,7 @@ EOF
         done
       done
     fi
-    echo "ab.sh: session $s: lab ended early (${verdict:-no verdict}; round $r not counted): ${last_words:-see $log}" >&2
+    echo "ab.sh: session $s: lab ended early (${verdict:-no verdict}; guests of round $r it cut short are counted for no arm): ${last_words:-see $log}" >&2
     echo "session=$s LAB-DIED round=$r ${verdict} ${last_words}" >> "$OUT/failures.txt"
   fi
 done

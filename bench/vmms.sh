@@ -5,7 +5,7 @@
 #   vmm_cmd VMM KERNEL INITRD ARGS [PREFIX...]
 #
 # runs PREFIX... followed by the VMM's command line (VMM: ferrovisor | qemu |
-# qemu-kirq, the last only without devices; FV_EXTRA, QEMU_EXTRA: more flags)
+# ferrovisor-kirq | qemu-kirq, the last two only without devices; FV_EXTRA, QEMU_EXTRA: more flags)
 # booting KERNEL + INITRD with $BENCH_CPUS vCPUs and $BENCH_MEM of memory and
 # the kernel command line "console=ttyS0 ARGS" on the serial console on
 # stdout. PREFIX may be `exec`, `show_cmd` (print the command), a launcher, ...
@@ -67,10 +67,13 @@ vmm_cmd() {
     return
   fi
   case "$_vmm" in
-    ferrovisor)
+    ferrovisor|ferrovisor-kirq)
+      # ferrovisor-kirq: KVM's in-kernel IOAPIC instead of Ferrovisor's own (--irqchip kernel).
+      _irqchip=split
+      [ "$_vmm" = ferrovisor-kirq ] && _irqchip=kernel
       # shellcheck disable=SC2086  # FV_EXTRA: extra flags, split on purpose
       "$@" "$FERROVISOR" run --kernel "$_kernel" --initrd "$_initrd" \
-        --cpus "$BENCH_CPUS" --memory "$BENCH_MEM" \
+        --cpus "$BENCH_CPUS" --memory "$BENCH_MEM" --irqchip "$_irqchip" \
         --cmdline "$_args" --serial stdio ${FV_EXTRA:-} ;;
     qemu|qemu-kirq)
       # qemu: microvm's default, a split irqchip (LAPICs in KVM, IOAPIC/PIC/PIT in QEMU);

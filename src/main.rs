@@ -6,7 +6,10 @@ use anyhow::Context;
 use api::control::VmCommand;
 use clap::{Parser, Subcommand, ValueEnum};
 use config::exit_report::ExitReport;
-use config::{BalloonConfig, ByteSize, DiskConfig, NetConfig, SerialConfig, VmConfig, VsockConfig};
+use config::{
+    BalloonConfig, ByteSize, DiskConfig, Irqchip, MemoryOption, NetConfig, SerialConfig, VmConfig,
+    VsockConfig,
+};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -150,9 +153,15 @@ struct VmConfigArgs {
     /// Number of vCPUs [default: 1].
     #[arg(long)]
     cpus: Option<u32>,
-    /// Guest memory, e.g. 512M, 2G [default: 512M].
-    #[arg(long, value_parser = parse_size)]
-    memory: Option<ByteSize>,
+    /// Guest memory, e.g. 512M, 2G [default: 512M], and how it is backed:
+    /// SIZE[,hugepages=auto|on|off] — auto (default): transparent huge pages where the host has
+    /// them; on: 2 MiB hugetlbfs pages, reserved at start; off: 4 KiB pages.
+    #[arg(long, value_parser = parse_memory)]
+    memory: Option<MemoryOption>,
+    /// Where the IOAPIC lives: split (in the VMM, KVM's local APICs; the default) or kernel
+    /// (KVM's in-kernel IOAPIC).
+    #[arg(long, value_parser = parse_irqchip)]
+    irqchip: Option<Irqchip>,
     /// Serial console: stdio, null, file=PATH, socket=PATH [default: stdio].
     #[arg(long, value_parser = parse_serial)]
     serial: Option<SerialConfig>,
@@ -184,6 +193,14 @@ struct VmConfigArgs {
 }
 
 fn parse_size(s: &str) -> Result<ByteSize, String> {
+    s.parse().map_err(|e: config::ConfigError| e.to_string())
+}
+
+fn parse_memory(s: &str) -> Result<MemoryOption, String> {
+    s.parse().map_err(|e: config::ConfigError| e.to_string())
+}
+
+fn parse_irqchip(s: &str) -> Result<Irqchip, String> {
     s.parse().map_err(|e: config::ConfigError| e.to_string())
 }
 
@@ -229,7 +246,13 @@ impl VmConfigArgs {
             cfg.cpus = n;
         }
         if let Some(m) = self.memory {
-            cfg.memory = m;
+            cfg.memory = m.size;
+            if let Some(hp) = m.hugepages {
+                cfg.hugepages = hp;
+            }
+        }
+        if let Some(i) = self.irqchip {
+            cfg.irqchip = i;
         }
         if let Some(s) = &self.serial {
             cfg.serial = s.clone();

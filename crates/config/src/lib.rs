@@ -340,6 +340,116 @@ impl From<SerialConfig> for String {
     }
 }
 
+/// How guest RAM is backed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum HugePages {
+    /// Transparent huge pages where the host has them (RAM 2 MiB-aligned and advised with
+    /// `MADV_HUGEPAGE`, so KVM can map it with 2 MiB pages); 4 KiB pages otherwise, said in
+    /// the log.
+    #[default]
+    Auto,
+    /// 2 MiB pages from the host's hugetlbfs pool (`/proc/sys/vm/nr_hugepages`), reserved at
+    /// start: the VM does not start if the pool is short.
+    On,
+    /// 4 KiB pages only.
+    Off,
+}
+
+impl HugePages {
+    /// The default.
+    pub fn is_auto(&self) -> bool {
+        *self == HugePages::Auto
+    }
+
+    /// The option's value, as `--memory` takes it.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            HugePages::Auto => "auto",
+            HugePages::On => "on",
+            HugePages::Off => "off",
+        }
+    }
+}
+
+/// Where the guest's IOAPIC lives.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Irqchip {
+    /// The IOAPIC in the VMM, the local APICs in KVM, no PIC (KVM's split irqchip): each pin
+    /// the guest programs is an MSI route KVM delivers from the device's eventfd.
+    #[default]
+    Split,
+    /// KVM's in-kernel IOAPIC (and its PIC, masked) beside its local APICs.
+    Kernel,
+}
+
+impl Irqchip {
+    /// The default.
+    pub fn is_split(&self) -> bool {
+        *self == Irqchip::Split
+    }
+
+    /// The name `--irqchip` takes.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Irqchip::Split => "split",
+            Irqchip::Kernel => "kernel",
+        }
+    }
+}
+
+impl FromStr for Irqchip {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        match s {
+            "split" => Ok(Irqchip::Split),
+            "kernel" => Ok(Irqchip::Kernel),
+            other => Err(ConfigError::device_option(
+                "--irqchip",
+                other.to_string(),
+                "expected split or kernel".into(),
+            )
+            .at("irqchip")),
+        }
+    }
+}
+
+/// `--memory SIZE[,hugepages=on|off|auto]`: the guest's RAM size and, if given, its backing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryOption {
+    /// The size.
+    pub size: ByteSize,
+    /// The backing, when the option names one.
+    pub hugepages: Option<HugePages>,
+}
+
+impl FromStr for MemoryOption {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        let mut parts = s.split(',');
+        let size: ByteSize = parts.next().unwrap_or_default().parse()?;
+        let mut hugepages = None;
+        for part in parts {
+            let bad = |reason: String| {
+                ConfigError::device_option("--memory", s.to_string(), reason).at("hugepages")
+            };
+            let value = part.strip_prefix("hugepages=").ok_or_else(|| {
+                bad(format!(
+                    "unknown option {part:?} (expected SIZE[,hugepages=on|off|auto])"
+                ))
+            })?;
+            hugepages = Some(match value {
+                "on" => HugePages::On,
+                "off" => HugePages::Off,
+                "auto" => HugePages::Auto,
+                other => return Err(bad(format!("hugepages={other}: expected on, off or auto"))),
+            });
+        }
+        Ok(MemoryOption { size, hugepages })
+    }
+}
+
 fn default_cpus() -> u32 {
     1
 }
@@ -375,6 +485,13 @@ pub struct VmConfig {
     /// Guest RAM.
     #[serde(default = "default_memory")]
     pub memory: ByteSize,
+    /// How guest RAM is backed: `auto` (transparent huge pages where the host has them),
+    /// `on` (hugetlbfs 2 MiB pages, reserved at start) or `off` (4 KiB pages).
+    #[serde(default, skip_serializing_if = "HugePages::is_auto")]
+    pub hugepages: HugePages,
+    /// Where the IOAPIC lives: `split` (in the VMM, the default) or `kernel` (KVM's).
+    #[serde(default, skip_serializing_if = "Irqchip::is_split")]
+    pub irqchip: Irqchip,
     /// COM1 backend.
     #[serde(default)]
     pub serial: SerialConfig,
@@ -410,6 +527,8 @@ impl Default for VmConfig {
             firmware: None,
             cpus: default_cpus(),
             memory: default_memory(),
+            hugepages: HugePages::Auto,
+            irqchip: Irqchip::Split,
             serial: SerialConfig::default(),
             pmu: false,
             rng: false,

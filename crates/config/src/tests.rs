@@ -311,3 +311,49 @@ fn recognises_kernel_formats() {
     assert_eq!(format_of(&elf), None);
     assert_eq!(format_of(b"short"), None);
 }
+
+#[test]
+fn memory_option_and_hugepages() {
+    let m: MemoryOption = "512M".parse().unwrap();
+    assert_eq!((m.size.0, m.hugepages), (512 << 20, None));
+    let m: MemoryOption = "1G,hugepages=on".parse().unwrap();
+    assert_eq!((m.size.0, m.hugepages), (1 << 30, Some(HugePages::On)));
+    for (s, hp) in [
+        ("2M,hugepages=off", HugePages::Off),
+        ("2M,hugepages=auto", HugePages::Auto),
+    ] {
+        assert_eq!(s.parse::<MemoryOption>().unwrap().hugepages, Some(hp));
+    }
+    let e = "512M,hugepages=maybe".parse::<MemoryOption>().unwrap_err();
+    assert_eq!(e.field().as_deref(), Some("hugepages"));
+    assert!(e.to_string().contains("hugepages=maybe"), "{e}");
+    let e = "512M,huge=on".parse::<MemoryOption>().unwrap_err();
+    assert!(e.to_string().contains("unknown option \"huge=on\""), "{e}");
+    assert!(matches!(
+        "lots,hugepages=on".parse::<MemoryOption>(),
+        Err(ConfigError::Size(_))
+    ));
+    // JSON: `hugepages` beside `memory`; the default is left out when written.
+    let cfg: VmConfig = serde_json::from_str(r#"{"kernel":"/k","hugepages":"on"}"#).unwrap();
+    assert_eq!(cfg.hugepages, HugePages::On);
+    let auto: VmConfig = serde_json::from_str(r#"{"kernel":"/k"}"#).unwrap();
+    assert_eq!(auto.hugepages, HugePages::Auto);
+    assert!(!serde_json::to_string(&auto).unwrap().contains("hugepages"));
+    let e = serde_json::from_str::<VmConfig>(r#"{"kernel":"/k","hugepages":"yes"}"#).unwrap_err();
+    assert!(e.to_string().contains("yes"), "{e}");
+}
+
+#[test]
+fn irqchip_parses() {
+    assert_eq!("split".parse::<Irqchip>().unwrap(), Irqchip::Split);
+    assert_eq!("kernel".parse::<Irqchip>().unwrap(), Irqchip::Kernel);
+    let e = "userspace".parse::<Irqchip>().unwrap_err();
+    assert_eq!(e.field().as_deref(), Some("irqchip"));
+    assert!(e.to_string().contains("split or kernel"), "{e}");
+    let cfg: VmConfig = serde_json::from_str(r#"{"kernel":"/k","irqchip":"kernel"}"#).unwrap();
+    assert_eq!(cfg.irqchip, Irqchip::Kernel);
+    assert_eq!(VmConfig::default().irqchip, Irqchip::Split);
+    assert!(!serde_json::to_string(&VmConfig::default())
+        .unwrap()
+        .contains("irqchip"));
+}

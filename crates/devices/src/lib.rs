@@ -8,6 +8,7 @@
 pub mod bus;
 pub mod console_socket;
 pub mod interrupt;
+pub mod ioapic;
 pub mod legacy;
 pub mod rate_limiter;
 pub mod sync;

@@ -65,10 +65,27 @@ pub fn build_for_boot(config: &VmConfig, kvm_path: &Path, started: Instant) -> R
     vm_fd
         .set_tss_address(KVM_TSS_START as usize)
         .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-    // IOAPIC, LAPICs and a masked PIC the guest never sees; no PIT (see irqchip.rs).
-    crate::irqchip::create(&vm_fd).map_err(|(op, source)| kvm_err(op)(source))?;
+    // The interrupt controllers (see irqchip.rs): LAPICs in KVM; the IOAPIC in the VMM (split,
+    // the default) or in KVM with a masked PIC the guest never sees; no PIT either way.
+    let vm_fd = Arc::new(vm_fd);
+    let msi_router = match config.irqchip {
+        config::Irqchip::Split => {
+            Some(crate::irqchip::create_split(&vm_fd).map_err(|(op, source)| kvm_err(op)(source))?)
+        }
+        config::Irqchip::Kernel => {
+            crate::irqchip::create(&vm_fd).map_err(|(op, source)| kvm_err(op)(source))?;
+            None
+        }
+    };
 
-    let mem = memory::create_guest_memory(config.memory.0)?;
+    let ram = memory::GuestRam::new(config.memory.0, config.hugepages)?;
+    match (config.hugepages, ram.backing()) {
+        (config::HugePages::Auto, memory::RamBacking::Small(Some(why))) => {
+            tracing::warn!("guest RAM falls back to 4 KiB pages: {why}")
+        }
+        (_, backing) => tracing::info!("guest RAM: {} in {backing}", config.memory),
+    }
+    let mem = ram.memory().clone();
     let mut next_slot = memory::register_with_kvm(&vm_fd, &mem, 0)
         .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
     let firmware = match &config.firmware {
@@ -144,6 +161,15 @@ pub fn build_for_boot(config: &VmConfig, kvm_path: &Path, started: Instant) -> R
         .map_err(dev_err)?;
     let pio = Arc::new(pio);
     let mut mmio = Bus::new();
+    if let Some(router) = msi_router {
+        let ioapic = devices::ioapic::Ioapic::new(router);
+        mmio.insert(
+            Arc::new(Mutex::new(ioapic)),
+            memory::IOAPIC_START,
+            devices::ioapic::IOAPIC_MMIO_LEN,
+        )
+        .map_err(dev_err)?;
+    }
     let virtio = crate::virtio::attach(&vm_fd, &mem, &mut mmio, built.devices)
         .map_err(|e| VmError::Device(e.to_string()))?;
     let mmio = Arc::new(mmio);
@@ -221,5 +247,6 @@ pub fn build_for_boot(config: &VmConfig, kvm_path: &Path, started: Instant) -> R
         cpus: config.cpus,
         memory_size: config.memory.0,
         started,
+        _ram: ram,
     })
 }

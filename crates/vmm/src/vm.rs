@@ -157,7 +157,7 @@ pub fn probe_host_limits(kvm_path: &Path) -> HostLimits {
 pub struct Vm {
     // Field order matters for drop: vCPUs and the VM fd go before guest memory.
     pub(crate) vcpus: Vec<Vcpu>,
-    pub(crate) _vm_fd: VmFd,
+    pub(crate) _vm_fd: Arc<VmFd>,
     pub(crate) _kvm: Kvm,
     pub(crate) mem: GuestMemoryMmap,
     pub(crate) _firmware: Option<GuestMemoryMmap>,
@@ -177,6 +177,8 @@ pub struct Vm {
     pub(crate) flavour: KvmFlavour,
     pub(crate) kernel_boot: bool,
     pub(crate) started: Instant,
+    /// Owns the RAM mapping `mem` views; last, so that it goes after every view of it.
+    pub(crate) _ram: memory::GuestRam,
 }
 
 /// On PVM, a kernel that is not PVM-aware spins inside KVM forever without a single exit; a
