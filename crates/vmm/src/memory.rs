@@ -9,8 +9,9 @@
 //! 0xc000_0000  32-bit MMIO gap: virtio-mmio devices at 0xd000_0000, TSS, IOAPIC, LAPIC, firmware
 //! 0x1_0000_0000  the rest of RAM
 //! ```
-//! RAM is anonymous, private, `MAP_NORESERVE` memory: the host only pays for pages the guest
-//! touches.
+//! A VM's RAM is a [`GuestRam`]: one anonymous, private mapping, 2 MiB-aligned, `MAP_NORESERVE`
+//! (the host only pays for what the guest touches) with transparent huge pages where the host
+//! has them, or hugetlbfs 2 MiB pages reserved at start (`hugepages=on`).
 
 use config::HugePages;
 use std::sync::Arc;
