@@ -7,7 +7,7 @@
 #   bench/ab.sh [--sessions N] [--rounds R] [--conc C] [--arms "ferrovisor qemu qemu-kirq"]
 #               [--cpus N] [--mem SIZE] [--kernel vmlinux|bzimage] [--cmdline ARGS]
 #               [--guest-timeout S] [--no-trace] [--ferrovisor PATH] [--out DIR]
-#               [--lab-mem MiB] [--lab-smp N]
+#               [--lab-mem MiB] [--lab-smp N] [--lab-append ARGS]
 #
 #   --sessions N       lab sessions, one after the other (default 4)
 #   --rounds R         rounds per session; a round boots C guests at once per arm (default 3)
@@ -20,6 +20,8 @@
 #   --guest-timeout S  a guest still running after S s is a hang (default 300)
 #   --no-trace         no KVM tracepoints (default: every guest has its own trace instance)
 #   --out DIR          results (default target/bench/ab)
+#   --lab-mem/--lab-smp/--lab-append  the lab machine's size and extra kernel arguments
+#                      (e.g. transparent_hugepage=never)
 #
 # Every lab session's console goes to DIR/session-N.log; every failed guest's
 # console tail and KVM trace are in it (AB-FAIL, AB-TRACE lines) and are
@@ -33,11 +35,11 @@ set -euo pipefail
 SELF="$(readlink -f "${BASH_SOURCE[0]}")"
 BENCH="$(dirname "$SELF")"
 REPO="$(dirname "$BENCH")"
-usage() { sed -n '2,31s/^# \{0,1\}//p' "$SELF"; exit "${1:-2}"; }
+usage() { sed -n '2,34s/^# \{0,1\}//p' "$SELF"; exit "${1:-2}"; }
 
 SESSIONS=4 ROUNDS=3 CONC=10 ARMS="ferrovisor qemu qemu-kirq" CPUS=1 MEM=128M
 KERNEL_KIND=vmlinux CMDLINE="quiet fv.action=info" GUEST_TIMEOUT=300 TRACE=1
-FV="$REPO/target/release/ferrovisor" OUT="$REPO/target/bench/ab" LAB_MEM=3072 LAB_SMP=2
+FV="$REPO/target/release/ferrovisor" OUT="$REPO/target/bench/ab" LAB_MEM=3072 LAB_SMP=2 LAB_APPEND=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --sessions)      SESSIONS="$2"; shift 2 ;;
@@ -54,6 +56,7 @@ while [ $# -gt 0 ]; do
     --out)           OUT="$2"; shift 2 ;;
     --lab-mem)       LAB_MEM="$2"; shift 2 ;;
     --lab-smp)       LAB_SMP="$2"; shift 2 ;;
+    --lab-append)    LAB_APPEND="$2"; shift 2 ;;
     -h|--help)       usage 0 ;;
     *) echo "ab.sh: unknown argument: $1" >&2; usage ;;
   esac
@@ -100,6 +103,7 @@ EOF
   rc=0
   "$REPO/tests/lab/lab.sh" --with-qemu --scenario "$BENCH/ab-lab.sh" --ferrovisor "$FV" \
     --add "$WORK/bench/vmms.sh:/bench/vmms.sh" --add "$WORK/bench/params:/bench/params" --timeout "$LAB_TIMEOUT" --mem "$LAB_MEM" --smp "$LAB_SMP" \
+    ${LAB_APPEND:+--append "$LAB_APPEND"} \
     > "$log" 2>&1 || rc=$?
   tr -d '\r' < "$log" | awk -v OFS='\t' '
     /^AB-BOOT / {
