@@ -70,6 +70,13 @@ pub fn build_for_boot(config: &VmConfig, kvm_path: &Path, started: Instant) -> R
     let vm_fd = Arc::new(vm_fd);
     let msi_router = match config.irqchip {
         config::Irqchip::Split => {
+            if !kvm.check_extension(kvm_ioctls::Cap::SplitIrqchip) {
+                return Err(VmError::Kvm(KvmError::MissingCapability {
+                    path: kvm_path.display().to_string(),
+                    cap: "KVM_CAP_SPLIT_IRQCHIP",
+                    what: "the VMM's own IOAPIC; run with --irqchip kernel to use KVM's",
+                }));
+            }
             Some(crate::irqchip::create_split(&vm_fd).map_err(|(op, source)| kvm_err(op)(source))?)
         }
         config::Irqchip::Kernel => {
