@@ -295,10 +295,11 @@ cat "$BASE" ${QEMU_CPIO:+"$QEMU_CPIO"} "$RUN/overlay.cpio" > "$RUN/initrd.cpio"
 #   page zeroing, no KASLR: small gains each, within the noise.
 # - no transparent huge pages in the lab kernel: with them (Debian's default,
 #   `madvise`, which QEMU and Ferrovisor both ask for on guest RAM, so the
-#   lab's KVM maps nested guests with 2 MiB pages) the lab kernel died in 7 of
-#   8 concurrent-boot sessions (bench/ab.sh, "TASK stack guard page was hit",
-#   "scheduling while atomic" in KVM), and an earlier aligned-THP attempt
-#   soft-locked it; without them the sessions held (see README). A later
+#   lab's KVM maps nested guests with 2 MiB pages) the lab kernel died in all
+#   5 concurrent-boot sessions of bench/ab.sh ("TASK stack guard page was
+#   hit", "scheduling while atomic" in KVM), and an earlier aligned-THP attempt
+#   soft-locked it; without them, of 2 sessions one held 20 minutes and one
+#   stalled (RCU) in its second round: better, not solved (see README). A later
 #   --append transparent_hugepage=... wins.
 APPEND="console=ttyS0 quiet panic=-1 mitigations=off nokaslr init_on_alloc=0 8250.nr_uarts=1 transparent_hugepage=never $EXTRA_APPEND"
 # EPYC (it has SVM + NPT) minus the features TCG cannot emulate, which QEMU
