@@ -39,7 +39,8 @@ fuzz_target!(|data: &[u8]| {
             io.write(offset, &buf[..width]);
         }
     }
-    if let Some(last) = *router.0.lock().unwrap() {
+    let last = *router.0.lock().unwrap();
+    if let Some(last) = last {
         assert_eq!(last, io.routes(), "the router saw the entries' routes");
     }
 });
