@@ -55,8 +55,11 @@ for n in 1 2 3; do echo "HOST-DAEMON console vm$n=$(console_check vm$n ping$n)";
 # A VMM killed with kill -9: noticed, crashed with the reason, restarted (on-failure).
 old=$(pid_of vm2)
 kill -9 "$old"
-wait_for 600 '[ -n "$(pid_of vm2)" ] && [ "$(pid_of vm2)" != "$old" ]'
-new=$(pid_of vm2)
+# The pid that satisfied the wait is the new VMM's (a second read once came back empty right
+# after: see the stop note of the change that added this comment).
+new=
+wait_for 600 'new=$(pid_of vm2); [ -n "$new" ] && [ "$new" != "$old" ]'
+
 wait_for 1500 '[ $(ready_count vm2) -ge 2 ]'
 echo "HOST-DAEMON restart vm2 old=$old new=$new ready=$(ready_count vm2) state=$(state_of vm2) restarts=$(restarts_of vm2) reason=$(reason_of vm2)"
 echo "HOST-DAEMON console-after-restart vm2=$(console_check vm2 again2)"
