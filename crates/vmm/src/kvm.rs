@@ -265,9 +265,14 @@ pub fn host_memory() -> u64 {
 }
 
 fn parse_meminfo_total(s: &str) -> Option<u64> {
-    let line = s.lines().find(|l| l.starts_with("MemTotal:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    kb.checked_mul(1024)
+    meminfo_field(s, "MemTotal:")?.checked_mul(1024)
+}
+
+/// The number after `name` (e.g. `HugePages_Free:`) in `/proc/meminfo`'s text `s` (kB for
+/// sizes, a count for page counts).
+pub fn meminfo_field(s: &str, name: &str) -> Option<u64> {
+    let line = s.lines().find(|l| l.starts_with(name))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 #[cfg(test)]

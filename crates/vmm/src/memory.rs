@@ -230,7 +230,7 @@ impl GuestRam {
         }
         let map_err = |reason: String| MemoryError::Map { size, reason };
         let used_len = usize::try_from(used).map_err(|_| map_err("too large".into()))?;
-        let (base, mapping, backing) = match hugepages {
+        let (base, backing) = match hugepages {
             HugePages::On => {
                 let flags = libc::MAP_PRIVATE
                     | libc::MAP_ANONYMOUS
@@ -242,7 +242,7 @@ impl GuestRam {
                     size: config::ByteSize(size),
                     reason: hugetlb_shortage(used, &e),
                 })?;
-                (addr, (addr, used_len), RamBacking::Hugetlbfs)
+                (addr, RamBacking::Hugetlbfs)
             }
             HugePages::Auto | HugePages::Off => {
                 // Reserve 2 MiB more, to start the RAM at a 2 MiB boundary inside it.
@@ -268,14 +268,14 @@ impl GuestRam {
                 } else {
                     advise_huge(aligned, used_len)
                 };
-                (aligned, (aligned, used_len), backing)
+                (aligned, backing)
             }
         };
         // From here the mapping is owned by `ram` (unmapped on drop if anything fails).
         let mut ram = GuestRam {
             mem: GuestMemoryMmap::default(),
             regions: Vec::new(),
-            mapping,
+            mapping: (base, used_len),
             backing,
         };
         for (gpa, offset, len) in layout {
@@ -384,13 +384,7 @@ fn advise_huge(addr: usize, len: usize) -> RamBacking {
 fn hugetlb_shortage(need: u64, e: &std::io::Error) -> String {
     let pages = need / HUGE_PAGE;
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let field = |name: &str| {
-        meminfo
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<u64>().ok())
-    };
+    let field = |name: &str| crate::kvm::meminfo_field(&meminfo, name);
     let free = field("HugePages_Free:").unwrap_or(0);
     let page_kb = field("Hugepagesize:").unwrap_or(0);
     let mut why =
