@@ -32,6 +32,48 @@ impl Vm {
     }
 }
 
+/// A kernel being loaded by [`boot::load_kernel`] on a thread of its own; dropping it waits
+/// for the thread, so that no error path leaves a thread writing guest RAM behind.
+struct KernelLoad(Option<std::thread::JoinHandle<Result<boot::LoadedKernel, boot::BootError>>>);
+
+impl KernelLoad {
+    fn start(
+        mem: &vm_memory::GuestMemoryMmap,
+        kernel: &Path,
+        format: config::KernelFormat,
+    ) -> Result<KernelLoad, VmError> {
+        let (mem, path) = (mem.clone(), kernel.to_path_buf());
+        std::thread::Builder::new()
+            .name("kernel-load".into())
+            .spawn(move || boot::load_kernel(&mem, &path, format))
+            .map(|h| KernelLoad(Some(h)))
+            .map_err(|source| VmError::Io {
+                what: "starting the kernel loader thread",
+                source,
+            })
+    }
+
+    fn finish(mut self, kernel: &Path) -> Result<boot::LoadedKernel, VmError> {
+        let handle = self.0.take().ok_or_else(|| loader_died(kernel))?;
+        Ok(handle.join().map_err(|_| loader_died(kernel))??)
+    }
+}
+
+fn loader_died(kernel: &Path) -> VmError {
+    VmError::Boot(boot::BootError::Kernel {
+        path: kernel.to_path_buf(),
+        reason: "the loader thread panicked".into(),
+    })
+}
+
+impl Drop for KernelLoad {
+    fn drop(&mut self) {
+        if let Some(h) = self.0.take() {
+            let _ = h.join();
+        }
+    }
+}
+
 fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm(KvmError::Ioctl { op, source })
 }
@@ -93,6 +135,12 @@ pub fn build_for_boot(config: &VmConfig, kvm_path: &Path, started: Instant) -> R
         (_, backing) => tracing::info!("guest RAM: {} in {backing}", config.memory),
     }
     let mem = ram.memory().clone();
+    // The kernel loads on a thread of its own while KVM, the devices and the vCPUs are set up
+    // (it writes only its own range of guest RAM, before anything else does).
+    let kernel_load = match (&config.kernel, kernel_format) {
+        (Some(kernel), Some(format)) => Some(KernelLoad::start(&mem, kernel, format)?),
+        _ => None,
+    };
     let mut next_slot = memory::register_with_kvm(&vm_fd, &mem, 0)
         .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
     let firmware = match &config.firmware {
@@ -182,8 +230,12 @@ pub fn build_for_boot(config: &VmConfig, kvm_path: &Path, started: Instant) -> R
     let mmio = Arc::new(mmio);
 
     // Boot image.
-    let entry = match (&config.kernel, kernel_format) {
-        (Some(kernel), Some(format)) => {
+    let entry = match (&config.kernel, kernel_format, kernel_load) {
+        (Some(kernel), Some(format), Some(load)) => {
+            let loaded = load.finish(kernel)?;
+            if loaded.skipped > 0 {
+                tracing::debug!("kernel: {} bytes of holes not copied", loaded.skipped);
+            }
             let rsdp = acpi::create_acpi_tables(&mem, config.cpus, &virtio.dsdt)?;
             let base = base_cmdline(console.wants_kernel_console());
             let cmdline = match (base.is_empty(), config.cmdline.trim().is_empty()) {
@@ -196,6 +248,7 @@ pub fn build_for_boot(config: &VmConfig, kvm_path: &Path, started: Instant) -> R
                 &LinuxBoot {
                     kernel,
                     format,
+                    loaded,
                     initrd: config.initrd.as_deref(),
                     cmdline: &cmdline,
                     mem_size: config.memory.0,

@@ -2,6 +2,7 @@
 //! kernel has one), the initrd and the command line, and describe the machine (e820, ACPI).
 
 pub mod acpi;
+pub mod image;
 
 use crate::cpu::regs::BootEntry;
 use crate::memory::{
@@ -17,7 +18,7 @@ use linux_loader::loader::elf::start_info::{
     hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
 };
 use linux_loader::loader::elf::PvhBootCapability;
-use linux_loader::loader::{load_cmdline, BzImage, Cmdline, Elf, KernelLoader};
+use linux_loader::loader::{load_cmdline, BzImage, Cmdline, KernelLoader, KernelLoaderResult};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -68,12 +69,22 @@ pub enum BootError {
     },
 }
 
-/// Everything needed to boot Linux.
+/// A kernel loaded into guest memory by [`load_kernel`].
+#[derive(Debug)]
+pub struct LoadedKernel {
+    result: KernelLoaderResult,
+    /// Bytes of the image not read because they were holes in the file (see [`image`]).
+    pub skipped: u64,
+}
+
+/// Everything needed to boot Linux, once its kernel is loaded.
 pub struct LinuxBoot<'a> {
     /// Kernel image.
     pub kernel: &'a Path,
     /// Its format (from validation).
     pub format: KernelFormat,
+    /// What [`load_kernel`] made of it.
+    pub loaded: LoadedKernel,
     /// Optional initrd.
     pub initrd: Option<&'a Path>,
     /// The complete command line.
@@ -100,26 +111,40 @@ fn open(what: &'static str, path: &Path) -> Result<File, BootError> {
 /// and only then port 0xcf9. This stub makes that jump a reset, as a real BIOS would.
 pub const RESET_VECTOR_STUB: [u8; 8] = [0xb0, 0xfe, 0xe6, 0x64, 0xfa, 0xf4, 0xeb, 0xfd];
 
-/// Loads the kernel, initrd and command line into `mem` and writes the boot parameters;
-/// returns how the boot vCPU enters the kernel.
+/// Loads the kernel image at `path` into `mem`. It must be the first thing written to guest
+/// memory: an ELF image's holes are skipped, not copied, which leaves the zeros of fresh RAM
+/// (see [`image`]). Touches nothing but `mem`'s kernel range, so it can run on a thread of
+/// its own while the rest of the VM is built.
+pub fn load_kernel(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+    format: KernelFormat,
+) -> Result<LoadedKernel, BootError> {
+    let mut kf = open("kernel", path)?;
+    let kernel_err = |e: linux_loader::loader::Error| BootError::Kernel {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    };
+    let highmem = GuestAddress(HIMEM_START);
+    let (result, skipped) = match format {
+        KernelFormat::BzImage => (
+            BzImage::load(mem, None, &mut kf, Some(highmem)).map_err(kernel_err)?,
+            0,
+        ),
+        KernelFormat::Elf => image::load_elf(mem, kf, highmem).map_err(kernel_err)?,
+    };
+    Ok(LoadedKernel { result, skipped })
+}
+
+/// With the kernel loaded ([`load_kernel`]), loads the initrd and command line into `mem` and
+/// writes the boot parameters; returns how the boot vCPU enters the kernel.
 pub fn load_linux(mem: &GuestMemoryMmap, b: &LinuxBoot<'_>) -> Result<BootEntry, BootError> {
     mem.write_slice(&RESET_VECTOR_STUB, GuestAddress(BIOS_RESET_VECTOR))
         .map_err(|e| BootError::Memory {
             what: "reset vector stub",
             reason: e.to_string(),
         })?;
-    let mut kf = open("kernel", b.kernel)?;
-    let kernel_err = |e: linux_loader::loader::Error| BootError::Kernel {
-        path: b.kernel.to_path_buf(),
-        reason: e.to_string(),
-    };
-    let result = match b.format {
-        KernelFormat::BzImage => BzImage::load(mem, None, &mut kf, Some(GuestAddress(HIMEM_START)))
-            .map_err(kernel_err)?,
-        KernelFormat::Elf => {
-            Elf::load(mem, None, &mut kf, Some(GuestAddress(HIMEM_START))).map_err(kernel_err)?
-        }
-    };
+    let result = &b.loaded.result;
 
     let mut cmdline = Cmdline::new(CMDLINE_MAX).map_err(|e| BootError::Cmdline(e.to_string()))?;
     cmdline
