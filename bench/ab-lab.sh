@@ -28,6 +28,7 @@
 BENCH_DIR=${BENCH_DIR:-/bench}
 . "$BENCH_DIR/params"
 . "$BENCH_DIR/vmms.sh"
+. "$BENCH_DIR/ktrace.sh"
 export BENCH_CPUS BENCH_MEM
 QEMU_EXTRA=-no-reboot
 export QEMU_EXTRA
@@ -38,11 +39,9 @@ case "$KERNEL_KIND" in
   *) echo "AB-ERROR unknown kernel kind $KERNEL_KIND"; exit 2 ;;
 esac
 
-TRACEFS=/sys/kernel/tracing
 KVM_EVENTS="kvm_exit kvm_entry kvm_inj_exception kvm_inj_virq kvm_page_fault kvm_userspace_exit kvm_async_pf_not_present kvm_async_pf_ready kvm_async_pf_completed kvm_async_pf_repeated_fault kvm_emulate_insn"
 if [ "$TRACE" = 1 ]; then
-  [ -d "$TRACEFS/instances" ] || mount -t tracefs nodev "$TRACEFS" 2>/dev/null
-  if [ -d "$TRACEFS/instances" ] && [ -d "$TRACEFS/events/kvm" ]; then
+  if ktrace_ready; then
     FV_EXTRA=--fault-trace
     export FV_EXTRA
   else
@@ -55,39 +54,15 @@ W=/tmp/ab
 rm -rf "$W"; mkdir -p "$W"
 dmesg -c >/dev/null 2>&1
 
-# trace_instance NAME: a tracefs instance recording KVM events of the tasks
-# later written to its set_event_pid (and their threads); prints its path.
-trace_instance() {
-  _i="$TRACEFS/instances/ab-$1"
-  rmdir "$_i" 2>/dev/null
-  mkdir "$_i" || return 1
-  echo 0 > "$_i/tracing_on"
-  echo 512 > "$_i/buffer_size_kb"
-  echo 1 > "$_i/options/event-fork"
-  for _e in $KVM_EVENTS; do
-    [ -e "$_i/events/kvm/$_e/enable" ] && echo 1 > "$_i/events/kvm/$_e/enable"
-  done
-  echo 1 > "$_i/tracing_on"
-  echo "$_i"
-}
-
-# traced_exec INSTANCE CMD...: this process joins INSTANCE's event filter, then
-# becomes CMD (a prefix for vmm_cmd).
-traced_exec() {
-  _inst=$1; shift
-  # shellcheck disable=SC2016  # $$ and $0 are the inner shell's
-  exec sh -c 'echo $$ > "$0/set_event_pid"; exec "$@"' "$_inst" "$@"
-}
-
 # start ARM I: launches guest I of ARM in the background; sets pid_I, inst_I.
 start() {
   _arm=$1 _n=$2 _inst=
   _log="$W/$_arm-$_n.log"
   if [ "$TRACE" = 1 ] && [ "${_arm%-kirq}" != ferrovisor ]; then
-    _inst=$(trace_instance "$_arm-$_n")
+    _inst=$(ktrace_instance "ab-$_arm-$_n" 512 $KVM_EVENTS)
   fi
   if [ -n "$_inst" ]; then
-    vmm_cmd "$_arm" "$KERNEL" "$GUEST_INITRD" "$CMDLINE" traced_exec "$_inst" </dev/null >"$_log" 2>&1 &
+    vmm_cmd "$_arm" "$KERNEL" "$GUEST_INITRD" "$CMDLINE" ktrace_exec "$_inst" </dev/null >"$_log" 2>&1 &
   else
     vmm_cmd "$_arm" "$KERNEL" "$GUEST_INITRD" "$CMDLINE" exec </dev/null >"$_log" 2>&1 &
   fi
@@ -171,7 +146,7 @@ run_arm() {  # ROUND ARM
         print_trace "$_arm" "$_r" "$_i" "$_in"
       fi
     fi
-    if [ -n "$_in" ] && [ "${_arm%-kirq}" != ferrovisor ]; then rmdir "$_in" 2>/dev/null; fi
+    if [ "${_arm%-kirq}" != ferrovisor ]; then ktrace_remove "$_in"; fi
     eval "traced_$_i=0"
     _i=$((_i + 1))
   done

@@ -85,7 +85,7 @@ trap 'rm -rf "$WORK"' EXIT
 
 for s in $(seq 1 "$SESSIONS"); do
   mkdir -p "$WORK/bench"
-  cp "$BENCH/vmms.sh" "$WORK/bench/"
+  cp "$BENCH/vmms.sh" "$BENCH/ktrace.sh" "$WORK/bench/"
   cat > "$WORK/bench/params" <<EOF
 SESSION=$s
 ROUNDS=$ROUNDS
@@ -102,7 +102,7 @@ EOF
   echo "ab.sh: session $s of $SESSIONS ($ROUNDS rounds x $CONC guests x arms: $ARMS; lab limit ${LAB_TIMEOUT}s)" >&2
   rc=0
   "$REPO/tests/lab/lab.sh" --with-qemu --scenario "$BENCH/ab-lab.sh" --ferrovisor "$FV" \
-    --add "$WORK/bench/vmms.sh:/bench/vmms.sh" --add "$WORK/bench/params:/bench/params" --timeout "$LAB_TIMEOUT" --mem "$LAB_MEM" --smp "$LAB_SMP" \
+    --add "$WORK/bench/vmms.sh:/bench/vmms.sh" --add "$WORK/bench/ktrace.sh:/bench/ktrace.sh" --add "$WORK/bench/params:/bench/params" --timeout "$LAB_TIMEOUT" --mem "$LAB_MEM" --smp "$LAB_SMP" \
     ${LAB_APPEND:+--append "$LAB_APPEND"} \
     > "$log" 2>&1 || rc=$?
   tr -d '\r' < "$log" | awk -v OFS='\t' '

@@ -7,6 +7,16 @@
 #              hwm_kb=K rss_kb=K guest_rss_kb=K guest_maps=N guest_thp_kb=K
 #              guest_align_kb=K
 #   BENCH-CMDLINE vmm=V workload=W <the guest kernel's /proc/cmdline>
+#   BENCH-CENSUS vmm=V workload=W level=R|D|T count=N us=T kind=<what>
+#
+# The exit census (CENSUS=1): after the timed boots, one more boot per VMM and
+# workload with KVM's kvm_exit/kvm_entry/kvm_pio/kvm_mmio/kvm_msr/
+# kvm_userspace_exit recorded for the VMM's threads only (bench/ktrace.sh,
+# the same for every VMM), from exec until /init's marker; bench/census.awk
+# counts and times the exits by reason (level=R) and by reason and port, MMIO
+# page or MSR (level=D); level=T is the total (count exits, kind = threads).
+# Its times include the tracing's own cost, so they compare VMMs, not the timed
+# boots. Firecracker boots only the vmlinux workload.
 #
 # Times are $EPOCHREALTIME (busybox ash: gettimeofday, microseconds, no fork):
 #   t0        just before the exec of the VMM (in the forked child, after its
@@ -27,14 +37,18 @@
 # 2 MiB nested-paging entries only if it is 2 MiB-aligned).
 #
 # Parameters come from /bench/params (written by bench/boot.sh):
-#   RUNS  HOLD  BOOT_TIMEOUT  WORKLOADS  VMMS  BENCH_CPUS  BENCH_MEM  CMDLINE
+#   RUNS  HOLD  BOOT_TIMEOUT  WORKLOADS  VMMS  BENCH_CPUS  BENCH_MEM  CMDLINE  CENSUS
 # shellcheck disable=SC3028,SC3045  # busybox ash: $EPOCHREALTIME, read -t
 # shellcheck disable=SC2153  # CMDLINE comes from params
 # shellcheck disable=SC1091  # params and vmms.sh are added by bench/boot.sh
 BENCH_DIR=${BENCH_DIR:-/bench}
 . "$BENCH_DIR/params"
 . "$BENCH_DIR/vmms.sh"
+. "$BENCH_DIR/ktrace.sh"
 FERROVISOR=${FERROVISOR:-ferrovisor}
+[ ! -x "$BENCH_DIR/firecracker" ] || FIRECRACKER=$BENCH_DIR/firecracker
+CENSUS=${CENSUS:-0}
+CENSUS_EVENTS="kvm_exit kvm_entry kvm_pio kvm_mmio kvm_msr kvm_userspace_exit"
 
 CR=$(printf '\r')
 FIFO=/tmp/bench-console.fifo
@@ -93,18 +107,41 @@ sample_memory() {
   [ -n "$rss" ] || rss=NA
 }
 
-# boot_one VMM WORKLOAD RUN
+# boots VMM WORKLOAD: whether that VMM boots that kind of kernel.
+boots() {
+  [ "$1" != firecracker ] || [ "$2" = vmlinux ]
+}
+
+# census_print VMM WORKLOAD INSTANCE: the census of the trace in INSTANCE.
+census_print() {
+  for _c in "$3"/per_cpu/cpu*/stats; do
+    _o=$(sed -n 's/^overrun: *//p' "$_c" 2>/dev/null)
+    [ "${_o:-0}" = 0 ] || echo "BENCH-WARN census $1 $2: $_o events lost on $(basename "$(dirname "$_c")") (buffer full)"
+  done
+  awk -f "$BENCH_DIR/census.awk" "$3/trace" | sort -t "$(printf '\t')" -k3,3nr |
+    while IFS="$(printf '\t')" read -r _lvl _n _us _kind; do
+      echo "BENCH-CENSUS vmm=$1 workload=$2 level=$_lvl count=$_n us=$_us kind=$_kind"
+    done
+}
+
+# boot_one VMM WORKLOAD RUN [census]
 boot_one() {
-  vmm=$1 wl=$2 run=$3
+  vmm=$1 wl=$2 run=$3 census=${4:-}
   kernel=$(kernel_of "$wl")
   log=/tmp/bench-$vmm-$wl-$run.log
   : > "$log"
   t0=NA t_marker=NA t_exit=NA hwm=NA rss=NA guest=NA guest_maps=NA guest_thp=NA guest_align=NA cmdline='' maps=''
-  killed=0
+  killed=0 inst=''
+  prefix=exec
+  if [ -n "$census" ]; then
+    inst=$(ktrace_instance "census-$vmm-$wl" 65536 $CENSUS_EVENTS) || inst=''
+    [ -n "$inst" ] && prefix="ktrace_exec $inst"
+  fi
   # The child opens the FIFO (blocking until we open it below), stamps t0
   # and becomes the VMM: $! is the VMM's pid.
   { echo "$EPOCHREALTIME" > /tmp/bench-t0
-    vmm_cmd "$vmm" "$kernel" "$GUEST_INITRD" "$CMDLINE" exec
+    # shellcheck disable=SC2086  # the prefix is a command and its argument
+    vmm_cmd "$vmm" "$kernel" "$GUEST_INITRD" "$CMDLINE" $prefix
   } > "$FIFO" 2> "$log.err" < /dev/null &
   pid=$!
   exec 3< "$FIFO"
@@ -119,6 +156,7 @@ boot_one() {
         *FERROVISOR-INIT-REACHED*)
           if [ "$t_marker" = NA ]; then
             t_marker=$EPOCHREALTIME
+            [ -z "$inst" ] || echo 0 > "$inst/tracing_on"
             sample_memory "$pid"
           fi ;;
         *FV-CMDLINE\ *) cmdline=${line#*FV-CMDLINE } ;;
@@ -140,6 +178,15 @@ boot_one() {
   wait "$pid"; rc=$?
   read -r t0 < /tmp/bench-t0
   [ "$killed" = 0 ] || t_exit=NA
+  if [ -n "$inst" ]; then
+    census_print "$vmm" "$wl" "$inst"
+    ktrace_remove "$inst"
+    if [ "$t_marker" = NA ] || [ "$rc" != 0 ]; then
+      echo "BENCH-WARN census boot $vmm $wl failed (rc=$rc); console and stderr tails:"
+      tail -n 15 "$log" "$log.err"
+    fi
+    return
+  fi
   if [ "$run" = 1 ] && [ -n "$maps" ]; then
     printf '%s\n' "$maps" | sed "s/^/BENCH-MAPS vmm=$vmm workload=$wl /"
   fi
@@ -153,7 +200,10 @@ boot_one() {
 }
 
 echo "BENCH-INFO runs=$RUNS hold=$HOLD cpus=$BENCH_CPUS mem=$BENCH_MEM timeout=$BOOT_TIMEOUT workloads=$WORKLOADS"
-echo "BENCH-INFO $(ferrovisor --version 2>/dev/null || echo ferrovisor) / $(qemu-system-x86_64 --version | head -n1)"
+echo "BENCH-INFO $("$FERROVISOR" --version 2>/dev/null || echo ferrovisor) / $(qemu-system-x86_64 --version | head -n1)"
+case " $VMMS " in
+  *" firecracker "*) echo "BENCH-INFO $("$FIRECRACKER" --version 2>&1 | head -n1)" ;;
+esac
 for vmm in $VMMS; do
   vmm_cmd "$vmm" KERNEL "$GUEST_INITRD" "$CMDLINE" show_cmd BENCH-CMD "$vmm:"
 done
@@ -165,11 +215,22 @@ while [ "$run" -le "$RUNS" ]; do
   if [ $((run % 2)) = 1 ]; then order="$VMMS"; else order=$(echo "$VMMS" | awk '{ for (i = NF; i > 0; i--) printf "%s ", $i }'); fi
   for wl in $WORKLOADS; do
     for vmm in $order; do
-      boot_one "$vmm" "$wl" "$run"
+      boots "$vmm" "$wl" && boot_one "$vmm" "$wl" "$run"
     done
   done
   run=$((run + 1))
 done
+if [ "$CENSUS" = 1 ]; then
+  if ktrace_ready; then
+    for wl in $WORKLOADS; do
+      for vmm in $VMMS; do
+        boots "$vmm" "$wl" && boot_one "$vmm" "$wl" census census
+      done
+    done
+  else
+    echo "BENCH-WARN no tracefs with KVM events: no exit census"
+  fi
+fi
 rm -f "$FIFO"
 echo "BENCH-DONE failures=$failures"
 exit 0

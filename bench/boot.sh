@@ -5,6 +5,7 @@
 #
 #   bench/boot.sh [--runs N] [--out DIR] [--ferrovisor PATH] [--hold S]
 #                 [--boot-timeout S] [--lab-timeout S] [--workloads "vmlinux bzimage"]
+#                 [--firecracker PATH | --no-firecracker] [--census]
 #
 #   --runs N          boots per VMM and workload, alternating VMMs (default 5)
 #   --out DIR         where the table, plot and raw data go (default target/bench)
@@ -14,19 +15,26 @@
 #   --boot-timeout S  kill a VMM that has not exited after S seconds (default 120)
 #   --lab-timeout S   the whole lab session (default 120 + runs x workloads x 2 x 60)
 #   --workloads LIST  vmlinux (ELF, PVH entry) and/or bzimage (default both)
+#   --firecracker PATH  also boot Firecracker (vmlinux only); default: the one
+#                     bench/firecracker.sh built, if it did (~/.cache/ferrovisor/peers)
+#   --no-firecracker  Ferrovisor and QEMU only
+#   --census          then one traced boot per VMM and workload: the exit
+#                     census (bench/census.awk) in DIR/boot-census.txt
 #
-# Writes DIR/boot.txt (the table), DIR/boot.svg (the plot), DIR/boot-samples.tsv
-# and DIR/boot-lab.log (the lab console).
+# Writes DIR/boot.txt (the tables), DIR/boot.svg (the plot, FV vs QEMU),
+# DIR/boot-fc.svg (FV vs Firecracker), DIR/boot-samples.tsv and DIR/boot-lab.log
+# (the lab console).
 set -euo pipefail
 
 SELF="$(readlink -f "${BASH_SOURCE[0]}")"
 BENCH="$(dirname "$SELF")"
 REPO="$(dirname "$BENCH")"
 
-usage() { sed -n '2,23s/^# \{0,1\}//p' "$SELF"; exit "${1:-2}"; }
+usage() { sed -n '2,30s/^# \{0,1\}//p' "$SELF"; exit "${1:-2}"; }
 
 RUNS=5 OUT="$REPO/target/bench" FV="$REPO/target/release/ferrovisor" HOLD=2
-BOOT_TIMEOUT=120 LAB_TIMEOUT="" WORKLOADS="vmlinux bzimage"
+BOOT_TIMEOUT=120 LAB_TIMEOUT="" WORKLOADS="vmlinux bzimage" CENSUS=0
+FC="${FERROVISOR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/ferrovisor}/peers/firecracker"
 while [ $# -gt 0 ]; do
   case "$1" in
     --runs)         RUNS="$2"; shift 2 ;;
@@ -36,6 +44,9 @@ while [ $# -gt 0 ]; do
     --boot-timeout) BOOT_TIMEOUT="$2"; shift 2 ;;
     --lab-timeout)  LAB_TIMEOUT="$2"; shift 2 ;;
     --workloads)    WORKLOADS="$2"; shift 2 ;;
+    --firecracker)  FC="$2"; shift 2 ;;
+    --no-firecracker) FC=""; shift ;;
+    --census)       CENSUS=1; shift ;;
     -h|--help)      usage 0 ;;
     *) echo "boot.sh: unknown argument: $1" >&2; usage ;;
   esac
@@ -47,8 +58,20 @@ for w in $WORKLOADS; do
   case "$w" in vmlinux|bzimage) ;; *) echo "boot.sh: unknown workload $w (vmlinux, bzimage)" >&2; exit 2 ;; esac
 done
 [ -x "$FV" ] || { echo "boot.sh: $FV: no such executable; build it first (cargo build --release)" >&2; exit 1; }
-NW=$(wc -w <<<"$WORKLOADS")
-[ -n "$LAB_TIMEOUT" ] || LAB_TIMEOUT=$((120 + RUNS * NW * 2 * 60))
+VMMS="ferrovisor qemu"
+FC_ADD=()
+if [ -n "$FC" ]; then
+  if [ -x "$FC" ]; then
+    VMMS="ferrovisor qemu firecracker"
+    FC_ADD=(--add "$FC:/bench/firecracker")
+  elif [ "$FC" != "${FERROVISOR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/ferrovisor}/peers/firecracker" ]; then
+    echo "boot.sh: --firecracker $FC: no such executable" >&2; exit 1
+  else
+    echo "boot.sh: no Firecracker built (bench/firecracker.sh builds it): Ferrovisor and QEMU only" >&2
+  fi
+fi
+NW=$(wc -w <<<"$WORKLOADS") NV=$(wc -w <<<"$VMMS")
+[ -n "$LAB_TIMEOUT" ] || LAB_TIMEOUT=$((120 + (RUNS + CENSUS) * NW * NV * 60))
 
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
@@ -59,18 +82,20 @@ RUNS=$RUNS
 HOLD=$HOLD
 BOOT_TIMEOUT=$BOOT_TIMEOUT
 WORKLOADS="$WORKLOADS"
-VMMS="ferrovisor qemu"
+VMMS="$VMMS"
 BENCH_CPUS=2
 BENCH_MEM=512M
-CMDLINE="quiet fv.action=hold fv.hold=$HOLD"
+CMDLINE="reboot=k panic=-1 quiet pci=off fv.action=hold fv.hold=$HOLD"
+CENSUS=$CENSUS
 EOF
 
 LOG="$OUT/boot-lab.log"
-echo "boot.sh: $RUNS run(s) x {$WORKLOADS} x {ferrovisor, qemu} in one lab session (timeout ${LAB_TIMEOUT}s); console in $LOG" >&2
+echo "boot.sh: $RUNS run(s) x {$WORKLOADS} x {$VMMS} in one lab session (timeout ${LAB_TIMEOUT}s); console in $LOG" >&2
 set +e
 "$REPO/tests/lab/lab.sh" --with-qemu --ferrovisor "$FV" --timeout "$LAB_TIMEOUT" \
   --scenario "$BENCH/boot-lab.sh" \
   --add "$BENCH/vmms.sh:/bench/vmms.sh" --add "$WORK/params:/bench/params" \
+  --add "$BENCH/ktrace.sh:/bench/ktrace.sh" --add "$BENCH/census.awk:/bench/census.awk" "${FC_ADD[@]}" \
   > "$LOG" 2> "$WORK/lab.stderr" < /dev/null &
 LAB_PID=$!
 # Progress: the benchmark's own lines, as they come.
@@ -95,6 +120,9 @@ for raw in open(log, encoding="utf-8", errors="replace"):
     line = raw.strip().replace("\r", "")
     if line.startswith("BENCH-CMDLINE "):
         _, vmm, wl, cmd = line.split(" ", 3)
+        # Firecracker adds pci=off itself, after the one it was given: compare without repeats;
+        # and its guest ends with a reset (fv.end=reboot, bench/vmms.sh), the others power off.
+        cmd = " ".join(t for t in dict.fromkeys(cmd.split()) if t != "fv.end=reboot")
         cmdlines.setdefault(wl.split("=", 1)[1], {}).setdefault(vmm.split("=", 1)[1], set()).add(cmd)
         continue
     if not line.startswith("BENCH-BOOT "):
@@ -138,7 +166,7 @@ for wl, per in sorted(cmdlines.items()):
             for c in sorted(s):
                 print(f"  {vmm}: {c}", file=sys.stderr)
     else:
-        print(f"guest /proc/cmdline ({names.get(wl, wl)}, both VMMs): {seen.pop()}")
+        print(f"guest /proc/cmdline ({names.get(wl, wl)}, every VMM): {seen.pop()}")
 # How much of the guest's RAM the host backs with transparent huge pages:
 # a guest whose memory is not 2 MiB-aligned in the VMM cannot get 2 MiB
 # nested-paging mappings, and every TLB miss costs more.
@@ -160,9 +188,20 @@ EOF
     --svg "$OUT/boot.svg"
   echo
   echo "ratio = QEMU median / Ferrovisor median (> 1: Ferrovisor faster or leaner)"
+  if [[ " $VMMS " == *" firecracker "* ]]; then
+    echo
+    python3 "$BENCH/plot.py" "$OUT/boot-samples.tsv" --vmms ferrovisor=Ferrovisor:FV,firecracker=Firecracker:FC \
+      --title "Boot to /init and VMM memory, Ferrovisor vs Firecracker ($RUNS runs, 2 vCPUs, 512 MiB)" \
+      --svg "$OUT/boot-fc.svg"
+    echo
+    echo "ratio = Firecracker median / Ferrovisor median (> 1: Ferrovisor faster or leaner)"
+  fi
   cat "$WORK/cmdlines.txt"
   grep -a '^BENCH-CMD ' "$LOG" | tr -d '\r' | sed 's/^BENCH-CMD /command: /'
   grep -a '^BENCH-INFO ' "$LOG" | tr -d '\r' | sed 's/^BENCH-INFO /info: /'
 } | tee "$OUT/boot.txt"
+if [ "$CENSUS" = 1 ]; then
+  python3 "$BENCH/census-table.py" "$LOG" | tee "$OUT/boot-census.txt"
+fi
 echo "boot.sh: wrote $OUT/boot.txt, $OUT/boot.svg, $OUT/boot-samples.tsv, $LOG" >&2
 exit "$LAB_RC"

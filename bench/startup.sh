@@ -4,13 +4,15 @@
 # See bench/README.md.
 #
 #   bench/startup.sh [--runs N] [--out DIR] [--ferrovisor PATH] [--qemu PATH]
-#                    [--kvm DEV] [--workloads "vmlinux bzimage"]
+#                    [--firecracker PATH] [--workloads "vmlinux bzimage"]
 #
 #   --runs N          launches per VMM and workload, alternating VMMs (default 20)
 #   --out DIR         where the table, plot and raw data go (default target/bench)
 #   --ferrovisor PATH the binary to measure (default target/release/ferrovisor;
 #                     it is not built here)
 #   --qemu PATH       default: qemu-system-x86_64 on PATH
+#   --firecracker PATH  also Firecracker (vmlinux only); default: the one
+#                     bench/firecracker.sh built, if it did
 #   --workloads LIST  vmlinux (ELF, PVH entry) and/or bzimage (default both)
 #
 # An LD_PRELOAD shim (bench/kvm_run_probe.c, compiled into DIR) stamps
@@ -27,12 +29,14 @@ usage() { sed -n '2,20s/^# \{0,1\}//p' "$SELF"; exit "${1:-2}"; }
 
 RUNS=20 OUT="$REPO/target/bench" FV="$REPO/target/release/ferrovisor"
 QEMU_BIN="$(command -v qemu-system-x86_64 || true)" WORKLOADS="vmlinux bzimage"
+FC_BIN="${FERROVISOR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/ferrovisor}/peers/firecracker"
 while [ $# -gt 0 ]; do
   case "$1" in
     --runs)       RUNS="$2"; shift 2 ;;
     --out)        OUT="$2"; shift 2 ;;
     --ferrovisor) FV="$2"; shift 2 ;;
     --qemu)       QEMU_BIN="$2"; shift 2 ;;
+    --firecracker) FC_BIN="$2"; [ -x "$FC_BIN" ] || { echo "startup.sh: $FC_BIN: no such executable" >&2; exit 1; }; shift 2 ;;
     --workloads)  WORKLOADS="$2"; shift 2 ;;
     -h|--help)    usage 0 ;;
     *) echo "startup.sh: unknown argument: $1" >&2; usage ;;
@@ -51,6 +55,8 @@ if [ ! -r /dev/kvm ] || [ ! -w /dev/kvm ]; then
   die "/dev/kvm is missing or not accessible to $(id -un)"
 fi
 command -v gcc >/dev/null || die "gcc not found (apt-get install gcc)"
+VMMS="ferrovisor qemu" FC=
+if [ -x "$FC_BIN" ]; then VMMS="ferrovisor qemu firecracker" FC=1; fi
 
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
@@ -64,7 +70,7 @@ ASSETS="$("$REPO/guest/assets.sh")"
 SHIM="$OUT/kvm_run_probe.so"
 gcc -O2 -Wall -Wextra -shared -fPIC -o "$SHIM" "$BENCH/kvm_run_probe.c" -ldl
 if command -v nm >/dev/null; then
-  for b in "$FV" "$QEMU_BIN"; do
+  for b in "$FV" "$QEMU_BIN" ${FC:+"$FC_BIN"}; do
     nm -D --undefined-only "$b" 2>/dev/null | grep -w ioctl >/dev/null ||
       echo "startup.sh: WARNING: $b imports no ioctl symbol; the shim may not see its KVM_RUN" >&2
   done
@@ -73,7 +79,7 @@ fi
 # shellcheck source=bench/vmms.sh disable=SC1091
 . "$BENCH/vmms.sh"
 # shellcheck disable=SC2034  # read by vmm_cmd (bench/vmms.sh)
-FERROVISOR="$FV" QEMU="$QEMU_BIN"
+FERROVISOR="$FV" QEMU="$QEMU_BIN" FIRECRACKER="$FC_BIN" BENCH_TMP="$WORK"
 # shellcheck disable=SC2034  # read by vmm_cmd
 BENCH_CPUS=2 BENCH_MEM=512M
 CMDLINE="quiet fv.action=hold"
@@ -120,11 +126,15 @@ run_one() {
 }
 
 FLAVOUR="$("$FV" host 2>/dev/null | sed -n 's/^KVM flavour: *//p')"
-echo "startup.sh: $RUNS run(s) x {$WORKLOADS} x {ferrovisor, qemu} on /dev/kvm (${FLAVOUR:-unknown flavour})" >&2
+echo "startup.sh: $RUNS run(s) x {$WORKLOADS} x {$VMMS} on /dev/kvm (${FLAVOUR:-unknown flavour})" >&2
 for ((run = 1; run <= RUNS; run++)); do
-  if ((run % 2)); then order="ferrovisor qemu"; else order="qemu ferrovisor"; fi
+  if ((run % 2)); then order="$VMMS"; else order=$(tr ' ' '\n' <<<"$VMMS" | tac | tr '\n' ' '); fi
   for wl in $WORKLOADS; do
-    for vmm in $order; do run_one "$vmm" "$wl" "$run"; done
+    for vmm in $order; do
+      # Firecracker boots only an ELF vmlinux.
+      [ "$vmm" != firecracker ] || [ "$wl" = vmlinux ] || continue
+      run_one "$vmm" "$wl" "$run"
+    done
   done
 done
 
@@ -135,7 +145,15 @@ done
     --svg "$OUT/startup.svg"
   echo
   echo "ratio = QEMU median / Ferrovisor median (> 1: Ferrovisor starts faster)"
-  for vmm in ferrovisor qemu; do
+  if [ -n "$FC" ]; then
+    echo
+    python3 "$BENCH/plot.py" "$SAMPLES" --vmms ferrovisor=Ferrovisor:FV,firecracker=Firecracker:FC \
+      --title "Host start-up: exec to first KVM_RUN, Ferrovisor vs Firecracker ($RUNS runs)" \
+      --svg "$OUT/startup-fc.svg"
+    echo
+    echo "ratio = Firecracker median / Ferrovisor median (> 1: Ferrovisor starts faster)"
+  fi
+  for vmm in $VMMS; do
     echo "command: $(vmm_cmd "$vmm" KERNEL "$ASSETS/initramfs.cpio.gz" "$CMDLINE" show_cmd)"
   done
   echo "info: $("$QEMU_BIN" --version | head -n1); host: $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg)"

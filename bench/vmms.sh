@@ -5,10 +5,18 @@
 #   vmm_cmd VMM KERNEL INITRD ARGS [PREFIX...]
 #
 # runs PREFIX... followed by the VMM's command line (VMM: ferrovisor | qemu |
-# ferrovisor-kirq | qemu-kirq, the last two only without devices; FV_EXTRA, QEMU_EXTRA: more flags)
+# ferrovisor-kirq | qemu-kirq | firecracker, the last three only without devices; FV_EXTRA,
+# QEMU_EXTRA: more flags)
 # booting KERNEL + INITRD with $BENCH_CPUS vCPUs and $BENCH_MEM of memory and
 # the kernel command line "console=ttyS0 ARGS" on the serial console on
 # stdout. PREFIX may be `exec`, `show_cmd` (print the command), a launcher, ...
+#
+# Firecracker ($FIRECRACKER, built from source by bench/boot.sh) boots only an
+# ELF vmlinux; it runs without its API socket from a config file written to
+# $BENCH_TMP, and adds pci=off to the command line itself when it has no PCI bus
+# (its default), so give pci=off to all three for the same command line. It has
+# no ACPI power-off: its guest ends with a reset instead (fv.end=reboot, read by
+# the test guest's /init only), which Firecracker takes as the end of the VM.
 #
 # Ferrovisor prepends console=ttyS0 itself; QEMU is given it explicitly, so
 # the guest kernels see the same command line (the guest's fv.action=hold
@@ -27,6 +35,8 @@ BENCH_CPUS=${BENCH_CPUS:-2}
 BENCH_MEM=${BENCH_MEM:-512M}
 FERROVISOR=${FERROVISOR:-ferrovisor}
 QEMU=${QEMU:-qemu-system-x86_64}
+FIRECRACKER=${FIRECRACKER:-firecracker}
+BENCH_TMP=${BENCH_TMP:-/tmp}
 BENCH_QEMU_CACHE=${BENCH_QEMU_CACHE:-writeback}
 
 # show_cmd ARGS...: print ARGS as a shell command line (quoting those with
@@ -85,6 +95,17 @@ vmm_cmd() {
         -smp "$BENCH_CPUS" -m "$BENCH_MEM" \
         -nodefaults -no-user-config -display none -serial stdio \
         -kernel "$_kernel" -initrd "$_initrd" -append "console=ttyS0 $_args" ${QEMU_EXTRA:-} ;;
+    firecracker)
+      _mib=${BENCH_MEM%M}
+      case "$BENCH_MEM" in *G) _mib=$(( ${BENCH_MEM%G} * 1024 )) ;; esac
+      _cfg="$BENCH_TMP/firecracker-$$.json"
+      cat > "$_cfg" <<EOF
+{"boot-source": {"kernel_image_path": "$_kernel", "initrd_path": "$_initrd",
+                 "boot_args": "console=ttyS0 $_args fv.end=reboot"},
+ "machine-config": {"vcpu_count": $BENCH_CPUS, "mem_size_mib": $_mib},
+ "drives": [], "network-interfaces": []}
+EOF
+      "$@" "$FIRECRACKER" --no-api --config-file "$_cfg" --level Error ;;
     *)
       echo "vmm_cmd: unknown VMM $_vmm" >&2; return 2 ;;
   esac

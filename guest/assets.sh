@@ -233,11 +233,12 @@ cpus_online() {
 memtotal=$(sed -n 's/^MemTotal: *\([0-9]*\) kB/\1/p' /proc/meminfo)
 echo "FV-INFO cpus_online=$(cpus_online) memtotal_kb=$memtotal kernel=$(uname -r)"
 
-action=shell hold=3
+action=shell hold=3 end=poweroff
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
     fv.action=*) action="${arg#fv.action=}" ;;
     fv.hold=*)   hold="${arg#fv.hold=}" ;;
+    fv.end=*)    end="${arg#fv.end=}" ;;
   esac
 done
 
@@ -264,7 +265,12 @@ case "$action" in
   *) echo "FV-WARN unknown fv.action=$action" ;;
 esac
 sync
-poweroff -f
+# fv.end=reboot: end with a reset instead (a VMM with no ACPI power-off, such as
+# Firecracker, stops on the guest's keyboard-controller reset).
+case "$end" in
+  reboot) reboot -f ;;
+  *) poweroff -f ;;
+esac
 EOF
 
 mapfile -t ORDER < <(mod_order "$MODDIR" "${GUEST_MODULES[@]}")
