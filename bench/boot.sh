@@ -5,7 +5,7 @@
 #
 #   bench/boot.sh [--runs N] [--out DIR] [--ferrovisor PATH] [--hold S]
 #                 [--boot-timeout S] [--lab-timeout S] [--workloads "vmlinux bzimage"]
-#                 [--firecracker PATH | --no-firecracker] [--census]
+#                 [--firecracker PATH | --no-firecracker] [--census] [--lab-append ARGS]
 #
 #   --runs N          boots per VMM and workload, alternating VMMs (default 5)
 #   --out DIR         where the table, plot and raw data go (default target/bench)
@@ -20,6 +20,8 @@
 #   --no-firecracker  Ferrovisor and QEMU only
 #   --census          then one traced boot per VMM and workload: the exit
 #                     census (bench/census.awk) in DIR/boot-census.txt
+#   --lab-append ARGS more for the lab kernel's command line (tests/lab/lab.sh
+#                     --append), e.g. transparent_hugepage=madvise
 #
 # Writes DIR/boot.txt (the tables), DIR/boot.svg (the plot, FV vs QEMU),
 # DIR/boot-fc.svg (FV vs Firecracker), DIR/boot-samples.tsv and DIR/boot-lab.log
@@ -30,10 +32,10 @@ SELF="$(readlink -f "${BASH_SOURCE[0]}")"
 BENCH="$(dirname "$SELF")"
 REPO="$(dirname "$BENCH")"
 
-usage() { sed -n '2,30s/^# \{0,1\}//p' "$SELF"; exit "${1:-2}"; }
+usage() { sed -n '2,32s/^# \{0,1\}//p' "$SELF"; exit "${1:-2}"; }
 
 RUNS=5 OUT="$REPO/target/bench" FV="$REPO/target/release/ferrovisor" HOLD=2
-BOOT_TIMEOUT=120 LAB_TIMEOUT="" WORKLOADS="vmlinux bzimage" CENSUS=0
+BOOT_TIMEOUT=120 LAB_TIMEOUT="" WORKLOADS="vmlinux bzimage" CENSUS=0 LAB_APPEND=""
 FC="${FERROVISOR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/ferrovisor}/peers/firecracker"
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -47,6 +49,7 @@ while [ $# -gt 0 ]; do
     --firecracker)  FC="$2"; shift 2 ;;
     --no-firecracker) FC=""; shift ;;
     --census)       CENSUS=1; shift ;;
+    --lab-append)   LAB_APPEND="$2"; shift 2 ;;
     -h|--help)      usage 0 ;;
     *) echo "boot.sh: unknown argument: $1" >&2; usage ;;
   esac
@@ -93,6 +96,7 @@ LOG="$OUT/boot-lab.log"
 echo "boot.sh: $RUNS run(s) x {$WORKLOADS} x {$VMMS} in one lab session (timeout ${LAB_TIMEOUT}s); console in $LOG" >&2
 set +e
 "$REPO/tests/lab/lab.sh" --with-qemu --ferrovisor "$FV" --timeout "$LAB_TIMEOUT" \
+  ${LAB_APPEND:+--append "$LAB_APPEND"} \
   --scenario "$BENCH/boot-lab.sh" \
   --add "$BENCH/vmms.sh:/bench/vmms.sh" --add "$WORK/params:/bench/params" \
   --add "$BENCH/ktrace.sh:/bench/ktrace.sh" --add "$BENCH/census.awk:/bench/census.awk" "${FC_ADD[@]}" \
