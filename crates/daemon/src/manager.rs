@@ -819,20 +819,33 @@ fn handle_exit(inner: &Arc<Inner>, notice: &ExitNotice, context: Option<&str>) {
     if let Some(c) = context {
         reason = format!("{reason} ({c})");
     }
+    // A notice about a VMM the VM no longer runs (its record holds another pid) changes
+    // nothing: not the record, not the running VMM's console hub or cgroup.
+    if let Ok(rec) = inner.store.get(&notice.vm_id) {
+        if rec.runtime.pid.is_some_and(|p| p != notice.pid) {
+            tracing::warn!(
+                "VM {}: ignoring the exit of pid {}, which it no longer runs",
+                notice.vm_id,
+                notice.pid
+            );
+            return;
+        }
+    }
     lock(&inner.consoles).remove(&notice.vm_id);
     remove_cgroup(inner, &notice.vm_id);
-    let rec = match inner
-        .store
-        .set_exited(&notice.vm_id, &reason, code, notice.crashed)
-    {
-        Ok(rec) => Some(rec),
-        // Deleted, or its end is already recorded.
-        Err(StoreError::NotFound(_)) | Err(StoreError::Conflict { .. }) => None,
-        Err(e) => {
-            tracing::error!("VM {}: recording its exit: {e}", notice.vm_id);
-            None
-        }
-    };
+    let rec =
+        match inner
+            .store
+            .set_exited_of(&notice.vm_id, notice.pid, &reason, code, notice.crashed)
+        {
+            Ok(rec) => Some(rec),
+            // Deleted, or its end is already recorded.
+            Err(StoreError::NotFound(_)) | Err(StoreError::Conflict { .. }) => None,
+            Err(e) => {
+                tracing::error!("VM {}: recording its exit: {e}", notice.vm_id);
+                None
+            }
+        };
     {
         let (m, cv) = &inner.exits;
         *lock(m) += 1;

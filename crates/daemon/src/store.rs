@@ -836,10 +836,40 @@ impl Store {
         code: Option<i32>,
         crashed: bool,
     ) -> Result<VmRecord, StoreError> {
+        self.record_exit(vm, None, reason, code, crashed)
+    }
+
+    /// [`Store::set_exited`] for the exit of the VMM `pid`: a [`StoreError::Conflict`] when the
+    /// record holds another VMM's pid (a late notice about a process the VM no longer runs
+    /// must not end the record of the one it runs now), checked in the same transaction.
+    pub fn set_exited_of(
+        &self,
+        vm: &str,
+        pid: u32,
+        reason: &str,
+        code: Option<i32>,
+        crashed: bool,
+    ) -> Result<VmRecord, StoreError> {
+        self.record_exit(vm, Some(pid), reason, code, crashed)
+    }
+
+    fn record_exit(
+        &self,
+        vm: &str,
+        pid: Option<u32>,
+        reason: &str,
+        code: Option<i32>,
+        crashed: bool,
+    ) -> Result<VmRecord, StoreError> {
         self.write(|tx| {
             let rec = find(tx, vm)?;
             if !rec.runtime.state.is_live() {
                 return Err(conflict(&rec, "record an exit"));
+            }
+            if let (Some(pid), Some(current)) = (pid, rec.runtime.pid) {
+                if pid != current {
+                    return Err(conflict(&rec, "record the exit of a VMM it no longer runs"));
+                }
             }
             let (state, kind) = if crashed {
                 (VmState::Crashed, EventKind::Crashed)

@@ -244,9 +244,20 @@ fn runtime_transitions_and_their_events() {
         store.last_event_id().expect("last")
     );
 
+    // The exit of a VMM the VM no longer runs changes nothing.
+    let own = std::process::id();
+    assert!(matches!(
+        store.set_exited_of(id, own + 1, "late notice", None, true),
+        Err(StoreError::Conflict {
+            state: VmState::Running,
+            ..
+        })
+    ));
+    assert_eq!(store.get(id).expect("get").runtime.pid, Some(own));
+
     // A crash keeps the reason; the policy restarts it after a back-off.
     let rec = store
-        .set_exited(id, "VMM killed by signal 9", None, true)
+        .set_exited_of(id, own, "VMM killed by signal 9", None, true)
         .expect("crash");
     assert_eq!(rec.runtime.state, VmState::Crashed);
     assert_eq!(rec.runtime.pid, None);

@@ -136,7 +136,7 @@ pub fn build_for_boot(config: &VmConfig, kvm_path: &Path, started: Instant) -> R
     }
     let mem = ram.memory().clone();
     // The kernel loads on a thread of its own while KVM, the devices and the vCPUs are set up
-    // (it writes only its own range of guest RAM, before anything else does).
+    // (it writes only its own range of guest RAM).
     let kernel_load = match (&config.kernel, kernel_format) {
         (Some(kernel), Some(format)) => Some(KernelLoad::start(&mem, kernel, format)?),
         _ => None,
@@ -233,9 +233,6 @@ pub fn build_for_boot(config: &VmConfig, kvm_path: &Path, started: Instant) -> R
     let entry = match (&config.kernel, kernel_format, kernel_load) {
         (Some(kernel), Some(format), Some(load)) => {
             let loaded = load.finish(kernel)?;
-            if loaded.skipped > 0 {
-                tracing::debug!("kernel: {} bytes of holes not copied", loaded.skipped);
-            }
             let rsdp = acpi::create_acpi_tables(&mem, config.cpus, &virtio.dsdt)?;
             let base = base_cmdline(console.wants_kernel_console());
             let cmdline = match (base.is_empty(), config.cmdline.trim().is_empty()) {

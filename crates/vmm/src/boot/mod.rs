@@ -2,7 +2,6 @@
 //! kernel has one), the initrd and the command line, and describe the machine (e820, ACPI).
 
 pub mod acpi;
-pub mod image;
 
 use crate::cpu::regs::BootEntry;
 use crate::memory::{
@@ -18,7 +17,7 @@ use linux_loader::loader::elf::start_info::{
     hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
 };
 use linux_loader::loader::elf::PvhBootCapability;
-use linux_loader::loader::{load_cmdline, BzImage, Cmdline, KernelLoader, KernelLoaderResult};
+use linux_loader::loader::{load_cmdline, BzImage, Cmdline, Elf, KernelLoader, KernelLoaderResult};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -73,8 +72,6 @@ pub enum BootError {
 #[derive(Debug)]
 pub struct LoadedKernel {
     result: KernelLoaderResult,
-    /// Bytes of the image not read because they were holes in the file (see [`image`]).
-    pub skipped: u64,
 }
 
 /// Everything needed to boot Linux, once its kernel is loaded.
@@ -111,10 +108,8 @@ fn open(what: &'static str, path: &Path) -> Result<File, BootError> {
 /// and only then port 0xcf9. This stub makes that jump a reset, as a real BIOS would.
 pub const RESET_VECTOR_STUB: [u8; 8] = [0xb0, 0xfe, 0xe6, 0x64, 0xfa, 0xf4, 0xeb, 0xfd];
 
-/// Loads the kernel image at `path` into `mem`. It must be the first thing written to guest
-/// memory: an ELF image's holes are skipped, not copied, which leaves the zeros of fresh RAM
-/// (see [`image`]). Touches nothing but `mem`'s kernel range, so it can run on a thread of
-/// its own while the rest of the VM is built.
+/// Loads the kernel image at `path` into `mem`. Touches nothing but `mem`'s kernel range, so it
+/// can run on a thread of its own while the rest of the VM is built.
 pub fn load_kernel(
     mem: &GuestMemoryMmap,
     path: &Path,
@@ -126,14 +121,12 @@ pub fn load_kernel(
         reason: e.to_string(),
     };
     let highmem = GuestAddress(HIMEM_START);
-    let (result, skipped) = match format {
-        KernelFormat::BzImage => (
-            BzImage::load(mem, None, &mut kf, Some(highmem)).map_err(kernel_err)?,
-            0,
-        ),
-        KernelFormat::Elf => image::load_elf(mem, kf, highmem).map_err(kernel_err)?,
-    };
-    Ok(LoadedKernel { result, skipped })
+    let result = match format {
+        KernelFormat::BzImage => BzImage::load(mem, None, &mut kf, Some(highmem)),
+        KernelFormat::Elf => Elf::load(mem, None, &mut kf, Some(highmem)),
+    }
+    .map_err(kernel_err)?;
+    Ok(LoadedKernel { result })
 }
 
 /// With the kernel loaded ([`load_kernel`]), loads the initrd and command line into `mem` and
