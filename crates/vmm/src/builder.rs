@@ -44,7 +44,7 @@ impl KernelLoad {
     ) -> Result<KernelLoad, VmError> {
         let (mem, path) = (mem.clone(), kernel.to_path_buf());
         std::thread::Builder::new()
-            .name("kernel-load".into())
+            .name("fv-kernel-load".into())
             .spawn(move || boot::load_kernel(&mem, &path, format))
             .map(|h| KernelLoad(Some(h)))
             .map_err(|source| VmError::Io {
