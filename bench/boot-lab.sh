@@ -107,11 +107,6 @@ sample_memory() {
   [ -n "$rss" ] || rss=NA
 }
 
-# boots VMM WORKLOAD: whether that VMM boots that kind of kernel.
-boots() {
-  [ "$1" != firecracker ] || [ "$2" = vmlinux ]
-}
-
 # census_print VMM WORKLOAD INSTANCE: the census of the trace in INSTANCE.
 census_print() {
   for _c in "$3"/per_cpu/cpu*/stats; do
@@ -215,7 +210,7 @@ while [ "$run" -le "$RUNS" ]; do
   if [ $((run % 2)) = 1 ]; then order="$VMMS"; else order=$(echo "$VMMS" | awk '{ for (i = NF; i > 0; i--) printf "%s ", $i }'); fi
   for wl in $WORKLOADS; do
     for vmm in $order; do
-      boots "$vmm" "$wl" && boot_one "$vmm" "$wl" "$run"
+      vmm_boots "$vmm" "$wl" && boot_one "$vmm" "$wl" "$run"
     done
   done
   run=$((run + 1))
@@ -224,7 +219,7 @@ if [ "$CENSUS" = 1 ]; then
   if ktrace_ready; then
     for wl in $WORKLOADS; do
       for vmm in $VMMS; do
-        boots "$vmm" "$wl" && boot_one "$vmm" "$wl" census census
+        vmm_boots "$vmm" "$wl" && boot_one "$vmm" "$wl" census census
       done
     done
   else

@@ -36,7 +36,8 @@ usage() { sed -n '2,32s/^# \{0,1\}//p' "$SELF"; exit "${1:-2}"; }
 
 RUNS=5 OUT="$REPO/target/bench" FV="$REPO/target/release/ferrovisor" HOLD=2
 BOOT_TIMEOUT=120 LAB_TIMEOUT="" WORKLOADS="vmlinux bzimage" CENSUS=0 LAB_APPEND=""
-FC="${FERROVISOR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/ferrovisor}/peers/firecracker"
+FC_BUILT="${FERROVISOR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/ferrovisor}/peers/firecracker"
+FC="$FC_BUILT"
 while [ $# -gt 0 ]; do
   case "$1" in
     --runs)         RUNS="$2"; shift 2 ;;
@@ -67,7 +68,7 @@ if [ -n "$FC" ]; then
   if [ -x "$FC" ]; then
     VMMS="ferrovisor qemu firecracker"
     FC_ADD=(--add "$FC:/bench/firecracker")
-  elif [ "$FC" != "${FERROVISOR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/ferrovisor}/peers/firecracker" ]; then
+  elif [ "$FC" != "$FC_BUILT" ]; then
     echo "boot.sh: --firecracker $FC: no such executable" >&2; exit 1
   else
     echo "boot.sh: no Firecracker built (bench/firecracker.sh builds it): Ferrovisor and QEMU only" >&2

@@ -25,7 +25,7 @@ SELF="$(readlink -f "${BASH_SOURCE[0]}")"
 BENCH="$(dirname "$SELF")"
 REPO="$(dirname "$BENCH")"
 
-usage() { sed -n '2,20s/^# \{0,1\}//p' "$SELF"; exit "${1:-2}"; }
+usage() { sed -n '2,22s/^# \{0,1\}//p' "$SELF"; exit "${1:-2}"; }
 
 RUNS=20 OUT="$REPO/target/bench" FV="$REPO/target/release/ferrovisor"
 QEMU_BIN="$(command -v qemu-system-x86_64 || true)" WORKLOADS="vmlinux bzimage"
@@ -131,9 +131,7 @@ for ((run = 1; run <= RUNS; run++)); do
   if ((run % 2)); then order="$VMMS"; else order=$(tr ' ' '\n' <<<"$VMMS" | tac | tr '\n' ' '); fi
   for wl in $WORKLOADS; do
     for vmm in $order; do
-      # Firecracker boots only an ELF vmlinux.
-      [ "$vmm" != firecracker ] || [ "$wl" = vmlinux ] || continue
-      run_one "$vmm" "$wl" "$run"
+      vmm_boots "$vmm" "$wl" && run_one "$vmm" "$wl" "$run"
     done
   done
 done

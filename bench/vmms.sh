@@ -52,6 +52,12 @@ show_cmd() {
   echo "${_line# }"
 }
 
+# vmm_boots VMM WORKLOAD: whether VMM boots that kernel (vmlinux or bzimage):
+# Firecracker boots only the ELF vmlinux.
+vmm_boots() {
+  [ "$1" != firecracker ] || [ "$2" = vmlinux ]
+}
+
 vmm_cmd() {
   _vmm=$1 _kernel=$2 _initrd=$3 _args=$4
   shift 4

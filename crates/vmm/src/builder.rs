@@ -243,7 +243,6 @@ pub fn build_for_boot(config: &VmConfig, kvm_path: &Path, started: Instant) -> R
             boot::load_linux(
                 &mem,
                 &LinuxBoot {
-                    kernel,
                     format,
                     loaded,
                     initrd: config.initrd.as_deref(),

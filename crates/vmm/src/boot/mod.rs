@@ -76,9 +76,7 @@ pub struct LoadedKernel {
 
 /// Everything needed to boot Linux, once its kernel is loaded.
 pub struct LinuxBoot<'a> {
-    /// Kernel image.
-    pub kernel: &'a Path,
-    /// Its format (from validation).
+    /// The kernel image's format (from validation).
     pub format: KernelFormat,
     /// What [`load_kernel`] made of it.
     pub loaded: LoadedKernel,
