@@ -1,6 +1,7 @@
 //! `ferrovisor`: the command-line entry point. Subcommands only; the work is in the crates.
 
 mod cli;
+mod jailed;
 
 use anyhow::Context;
 use api::control::VmCommand;
@@ -133,6 +134,8 @@ struct RunArgs {
     /// KVM device.
     #[arg(long, env = "FERROVISOR_KVM", default_value = KVM_PATH)]
     kvm: PathBuf,
+    #[command(flatten)]
+    jail: jailed::JailArgs,
 }
 
 /// The VM configuration flags, shared by `run` and `vm create`.
@@ -288,9 +291,68 @@ fn init_logging(level: &str, format: LogFormat) {
     }
 }
 
+/// Builds the VM confined ([`jail::enter`] between opening its host files and making its
+/// threads).
+fn build_jailed(args: &RunArgs, config: &VmConfig, started: Instant) -> anyhow::Result<Vm> {
+    if args.fault_trace {
+        anyhow::bail!("--fault-trace reads the host's tracefs, which a confined VMM cannot see; run it without --jail");
+    }
+    if jail::spawn::current_uid() != 0 {
+        anyhow::bail!(
+            "--jail needs root: the VMM opens what it needs as root, then gives it all up"
+        );
+    }
+    config::exit_report::remember_host_pid();
+    let mut paths: Vec<(&str, &std::path::Path)> = Vec::new();
+    if let Some(p) = &args.control {
+        paths.push(("--control", p));
+    }
+    if let Some(p) = &args.exit_report {
+        paths.push(("--exit-report", p));
+    }
+    if let config::SerialConfig::Socket(p) = &config.serial {
+        paths.push(("--serial socket=", p));
+    }
+    if let Some(config::SerialConfig::Socket(p)) = &config.console {
+        paths.push(("--console socket=", p));
+    }
+    if let Some(v) = &config.vsock {
+        paths.push(("--vsock socket=", &v.socket));
+    }
+    let dir = jailed::run_dir(&args.jail, &paths)?;
+    let plan = jailed::plan(&args.jail, dir)?;
+    // The control socket answers only whoever started this VMM (the daemon).
+    vmm::control::accept_only_uid(jail::spawn::current_uid());
+    let seccomp = !plan.skip.contains(&jail::Wall::Seccomp);
+    if seccomp {
+        jail::seccomp::prepare().context("seccomp wall")?;
+        jail::seccomp::install_sigsys_handler().context("seccomp wall: SIGSYS handler")?;
+    }
+    let mut confine = || -> Result<(), vmm::vm::VmError> {
+        let report = jail::enter(&plan)?;
+        let seccomp = if seccomp {
+            "seccomp: up (a filter per thread kind)"
+        } else {
+            "seccomp: off (--allow-unconfined)"
+        };
+        eprintln!("ferrovisor: jail: {report}; {seccomp}");
+        Ok(())
+    };
+    Ok(vmm::builder::build_for_boot(
+        config,
+        &args.kvm,
+        started,
+        &mut confine,
+    )?)
+}
+
 fn run(args: &RunArgs, started: Instant) -> anyhow::Result<ExitReason> {
     let config = args.vm.to_config()?;
-    let mut vm = Vm::build(&config, &args.kvm, started)?;
+    let mut vm = if args.jail.jail {
+        build_jailed(args, &config, started)?
+    } else {
+        Vm::build(&config, &args.kvm, started)?
+    };
     if let Some(path) = &args.control {
         vm.set_control_socket(path);
     }
@@ -416,6 +478,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log_level, cli.log_format);
     let result = match &cli.command {
+        Command::Run(args) if jailed::needs_front(&args.jail) => jailed::front(),
         Command::Run(args) => run_and_report(args, started),
         Command::Host { kvm, json } => host(kvm, *json),
         Command::Ctl { socket, request } => ctl(socket, request),

@@ -65,6 +65,24 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+static HOST_PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+
+/// Remembers this process's pid as the host's `/proc` names it, before it moves into a PID
+/// namespace's view of itself (a confined VMM is pid 1 inside): what exit reports and status
+/// answers give, so that supervisors outside match them to the process they started.
+pub fn remember_host_pid() {
+    let pid = std::fs::read_link("/proc/self")
+        .ok()
+        .and_then(|p| p.to_str().and_then(|s| s.parse().ok()))
+        .unwrap_or_else(std::process::id);
+    let _ = HOST_PID.set(pid);
+}
+
+/// This process's pid in the host's PID namespace (see [`remember_host_pid`]).
+pub fn host_pid() -> u32 {
+    HOST_PID.get().copied().unwrap_or_else(std::process::id)
+}
+
 impl ExitReport {
     /// A report of `reason` with `exit_code`, now, for this process.
     pub fn new(reason: ExitKind, exit_code: i32) -> ExitReport {
@@ -72,7 +90,7 @@ impl ExitReport {
             reason,
             exit_code,
             at_ms: now_ms(),
-            pid: std::process::id(),
+            pid: host_pid(),
             signal: None,
             message: None,
         }

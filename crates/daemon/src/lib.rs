@@ -4,7 +4,7 @@
 #![deny(missing_docs)]
 
 pub mod api;
-pub mod cgroup;
+pub use jail::cgroup;
 pub mod console_hub;
 pub mod error;
 pub mod launcher;

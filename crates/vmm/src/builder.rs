@@ -26,9 +26,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 impl Vm {
-    /// Builds a VM to boot `config`'s kernel or firmware: [`build_for_boot`].
+    /// Builds a VM to boot `config`'s kernel or firmware: [`build_for_boot`], unconfined.
     pub fn build(config: &VmConfig, kvm_path: &Path, started: Instant) -> Result<Vm, VmError> {
-        build_for_boot(config, kvm_path, started)
+        build_for_boot(config, kvm_path, started, &mut || Ok(()))
     }
 }
 
@@ -40,12 +40,16 @@ impl KernelLoad {
     fn start(
         mem: &vm_memory::GuestMemoryMmap,
         kernel: &Path,
+        file: std::fs::File,
         format: config::KernelFormat,
     ) -> Result<KernelLoad, VmError> {
         let (mem, path) = (mem.clone(), kernel.to_path_buf());
         std::thread::Builder::new()
             .name("fv-kernel-load".into())
-            .spawn(move || boot::load_kernel(&mem, &path, format))
+            .spawn(move || {
+                jail::seccomp::apply_or_abort(jail::seccomp::ThreadKind::Loader);
+                boot::load_kernel(&mem, &path, file, format)
+            })
             .map(|h| KernelLoad(Some(h)))
             .map_err(|source| VmError::Io {
                 what: "starting the kernel loader thread",
@@ -80,7 +84,17 @@ fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
 
 /// Validates `config`, opens KVM and builds the VM (memory, devices, boot image, vCPUs) to boot
 /// its kernel or firmware. `started` is when the process started, for start-up timing.
-pub fn build_for_boot(config: &VmConfig, kvm_path: &Path, started: Instant) -> Result<Vm, VmError> {
+///
+/// `confine` runs once everything the VM needs from the host is open (KVM and the VM, guest
+/// RAM, images, TAPs, sockets, the kernel, initrd and firmware) and before the first thread is
+/// made: the place for the jail's walls ([`jail::enter`]), which need a single-threaded process
+/// and leave it unable to open anything outside its run directory.
+pub fn build_for_boot(
+    config: &VmConfig,
+    kvm_path: &Path,
+    started: Instant,
+    confine: &mut dyn FnMut() -> Result<(), VmError>,
+) -> Result<Vm, VmError> {
     let limits = probe_host_limits(kvm_path);
     let kernel_format = config.validate(&limits)?;
     // Device back-ends (images, TAPs, sockets) open before KVM: their errors are the user's
@@ -135,24 +149,42 @@ pub fn build_for_boot(config: &VmConfig, kvm_path: &Path, started: Instant) -> R
         (_, backing) => tracing::info!("guest RAM: {} in {backing}", config.memory),
     }
     let mem = ram.memory().clone();
+    // The rest of what comes from the host's filesystem, before the walls go up.
+    let kernel_file = match &config.kernel {
+        Some(k) => Some(boot::open("kernel", k)?),
+        None => None,
+    };
+    let initrd_file = match &config.initrd {
+        Some(p) => Some(boot::open("initrd", p)?),
+        None => None,
+    };
+    let firmware_image = match &config.firmware {
+        Some(path) => Some(std::fs::read(path).map_err(|e| {
+            VmError::Config(ConfigError::File {
+                field: "firmware".into(),
+                what: "firmware",
+                path: path.clone(),
+                reason: e.to_string(),
+            })
+        })?),
+        None => None,
+    };
+    let mut console = Console::open(&config.serial)?;
+    crate::control::preopen_proc();
+    confine()?;
+
     // The kernel loads on a thread of its own while KVM, the devices and the vCPUs are set up
     // (it writes only its own range of guest RAM).
-    let kernel_load = match (&config.kernel, kernel_format) {
-        (Some(kernel), Some(format)) => Some(KernelLoad::start(&mem, kernel, format)?),
+    let kernel_load = match (&config.kernel, kernel_file, kernel_format) {
+        (Some(kernel), Some(file), Some(format)) => {
+            Some(KernelLoad::start(&mem, kernel, file, format)?)
+        }
         _ => None,
     };
     let mut next_slot = memory::register_with_kvm(&vm_fd, &mem, 0)
         .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
-    let firmware = match &config.firmware {
-        Some(path) => {
-            let image = std::fs::read(path).map_err(|e| {
-                VmError::Config(ConfigError::File {
-                    field: "firmware".into(),
-                    what: "firmware",
-                    path: path.clone(),
-                    reason: e.to_string(),
-                })
-            })?;
+    let firmware = match firmware_image {
+        Some(image) => {
             let fw = memory::create_firmware_memory(&image)?;
             next_slot = memory::register_with_kvm(&vm_fd, &fw, next_slot)
                 .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION (firmware)"))?;
@@ -169,7 +201,6 @@ pub fn build_for_boot(config: &VmConfig, kvm_path: &Path, started: Instant) -> R
     let sink: VmRequestFn = Arc::new(move |r| {
         let _ = tx.send(VmEvent::Request(r));
     });
-    let mut console = Console::open(&config.serial)?;
     let serial_irq = Interrupt::new().map_err(|source| VmError::Io {
         what: "creating the serial interrupt eventfd",
         source,
@@ -245,7 +276,7 @@ pub fn build_for_boot(config: &VmConfig, kvm_path: &Path, started: Instant) -> R
                 &LinuxBoot {
                     format,
                     loaded,
-                    initrd: config.initrd.as_deref(),
+                    initrd: config.initrd.as_deref().zip(initrd_file.as_ref()),
                     cmdline: &cmdline,
                     mem_size: config.memory.0,
                     rsdp,

@@ -188,7 +188,10 @@ impl Drop for Console {
 fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> io::Result<()> {
     std::thread::Builder::new()
         .name(name.into())
-        .spawn(f)
+        .spawn(move || {
+            jail::seccomp::apply_or_abort(jail::seccomp::ThreadKind::EventLoop);
+            f()
+        })
         .map(|_| ())
 }
 

@@ -45,9 +45,26 @@ pub fn serve(path: &Path, events: Sender<VmEvent>) -> std::io::Result<ControlSoc
     std::thread::Builder::new()
         .name("fv-control".into())
         .spawn(move || {
+            jail::seccomp::apply_or_abort(jail::seccomp::ThreadKind::Control);
             for conn in listener.incoming() {
                 match conn {
                     Ok(stream) => {
+                        if let Some(&allowed) = PEER_UID.get() {
+                            match jail::peer_uid(&stream) {
+                                Ok(uid) if uid == allowed => {}
+                                Ok(uid) => {
+                                    tracing::warn!(
+                                        "control socket: refused a connection from uid {uid} \
+                                         (only uid {allowed} may use it)"
+                                    );
+                                    continue;
+                                }
+                                Err(e) => {
+                                    tracing::warn!("control socket: SO_PEERCRED: {e}");
+                                    continue;
+                                }
+                            }
+                        }
                         let events = events.clone();
                         let _ = std::thread::Builder::new()
                             .name("fv-control-conn".into())
@@ -129,9 +146,34 @@ pub fn submit(events: &Sender<VmEvent>, command: VmCommand, timeout: Duration) -
     }
 }
 
+/// `/proc/self/statm`, opened before the jail hides `/proc` ([`preopen_proc`]).
+static STATM: std::sync::OnceLock<Option<std::fs::File>> = std::sync::OnceLock::new();
+
+/// The peer uid the control socket accepts ([`accept_only_uid`]).
+static PEER_UID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+
+/// Opens what [`rss_bytes`] reads, while `/proc` is still visible (the jail hides it).
+pub fn preopen_proc() {
+    STATM.get_or_init(|| std::fs::File::open("/proc/self/statm").ok());
+}
+
+/// From now on the control socket serves only connections from `uid` (checked with
+/// `SO_PEERCRED`); others are closed unanswered. Set once.
+pub fn accept_only_uid(uid: u32) {
+    let _ = PEER_UID.set(uid);
+}
+
 /// The VMM process's resident set size in bytes (guest RAM it touched included).
 pub fn rss_bytes() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    use std::os::unix::fs::FileExt;
+    let statm = match STATM.get() {
+        Some(Some(f)) => {
+            let mut buf = [0u8; 256];
+            let n = f.read_at(&mut buf, 0).ok()?;
+            String::from_utf8_lossy(&buf[..n]).into_owned()
+        }
+        _ => std::fs::read_to_string("/proc/self/statm").ok()?,
+    };
     let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
     // SAFETY: sysconf has no memory effects.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };

@@ -11,6 +11,7 @@ pub mod fault_trace;
 pub mod irqchip;
 pub mod kvm;
 pub mod memory;
+pub mod spawner;
 pub mod terminal;
 pub mod virtio;
 pub mod vm;

@@ -250,6 +250,7 @@ impl VirtioDevices {
         let thread = std::thread::Builder::new()
             .name("fv-virtio".into())
             .spawn(move || {
+                jail::seccomp::apply_or_abort(jail::seccomp::ThreadKind::EventLoop);
                 let mut events = vec![EpollEvent::default(); self.notifiers.len() + 1];
                 loop {
                     let n = match epoll.wait(-1, &mut events) {

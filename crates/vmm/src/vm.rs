@@ -132,6 +132,9 @@ pub enum VmError {
     /// A device could not be wired.
     #[error("device set-up: {0}")]
     Device(String),
+    /// A wall of the jail could not go up.
+    #[error(transparent)]
+    Jail(#[from] jail::JailError),
     /// An OS-level failure (threads, signals, files).
     #[error("{what}: {source}")]
     Io {
@@ -239,12 +242,16 @@ impl Vm {
         std::thread::Builder::new()
             .name("fv-signals".into())
             .spawn(move || {
+                jail::seccomp::apply_or_abort(jail::seccomp::ThreadKind::EventLoop);
                 if let Some(sig) = signals.forever().next() {
                     let _ = tx.send(VmEvent::Signal(sig));
                 }
             })
             .map_err(io_err("starting the signal thread"))?;
 
+        if jail::seccomp::enabled() {
+            crate::spawner::start().map_err(io_err("starting the worker spawner thread"))?;
+        }
         let virtio_loop = match self.virtio.take() {
             Some(v) => Some(
                 v.start()
@@ -284,7 +291,10 @@ impl Vm {
             let name = format!("fv-vcpu-{}", vcpu.id());
             let handle = std::thread::Builder::new()
                 .name(name)
-                .spawn(move || vcpu.run(ctl, tx))
+                .spawn(move || {
+                    jail::seccomp::apply_or_abort(jail::seccomp::ThreadKind::Vcpu);
+                    vcpu.run(ctl, tx)
+                })
                 .map_err(io_err("starting a vCPU thread"))?;
             threads.push((handle, stats));
         }
@@ -317,6 +327,8 @@ impl Vm {
             },
             None => None,
         };
+        // Every thread of the VM is made: the main thread narrows itself last.
+        jail::seccomp::apply_or_abort(jail::seccomp::ThreadKind::Main);
 
         // The PVM watchdog: armed until the first event that is not a command (a supervisor's
         // `status` must not disarm it), it ends a VM whose kernel never touches a device.
@@ -461,7 +473,7 @@ impl Running {
         match command {
             VmCommand::Status => Ok(VmResponse::Status(VmStatus {
                 state: self.state(),
-                pid: std::process::id(),
+                pid: config::exit_report::host_pid(),
                 uptime_ms: self.uptime_ms(),
                 cpus: self.cpus,
                 memory: self.memory,

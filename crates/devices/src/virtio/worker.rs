@@ -8,9 +8,33 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// Starts a named thread running a closure and returns its handle; see [`set_spawner`].
+pub type Spawner =
+    dyn Fn(String, Box<dyn FnOnce() + Send>) -> io::Result<JoinHandle<()>> + Send + Sync;
+
+static SPAWNER: OnceLock<Box<Spawner>> = OnceLock::new();
+
+/// Makes every device worker thread of this process through `spawner` rather than directly.
+///
+/// Workers start when the driver activates a device, on a vCPU thread; a confined VMM routes
+/// them to a thread whose seccomp filter allows what workers do (threads inherit their
+/// creator's filter), and each worker then installs its own. Set once; later calls do
+/// nothing and return false.
+pub fn set_spawner(spawner: Box<Spawner>) -> bool {
+    SPAWNER.set(spawner).is_ok()
+}
+
+fn spawn_thread(name: &str, f: Box<dyn FnOnce() + Send>) -> io::Result<JoinHandle<()>> {
+    match SPAWNER.get() {
+        Some(s) => s(name.to_string(), f),
+        None => std::thread::Builder::new().name(name.to_string()).spawn(f),
+    }
+}
 
 /// Tokens at or above this value are the worker's own (queue notifications and stop).
 pub const RESERVED_TOKENS: u64 = 1 << 63;
@@ -75,7 +99,9 @@ pub trait EventHandler: Send + 'static {
 pub struct Worker<H: EventHandler> {
     stop: EventFd,
     queues: Vec<EventFd>,
-    thread: Option<JoinHandle<H>>,
+    thread: Option<JoinHandle<()>>,
+    /// Where the thread leaves the handler as it ends.
+    returned: Arc<Mutex<Option<H>>>,
 }
 
 impl<H: EventHandler> Worker<H> {
@@ -100,16 +126,22 @@ impl<H: EventHandler> Worker<H> {
             )?;
             thread_evts.push(e.try_clone()?);
         }
-        let thread = std::thread::Builder::new()
-            .name(name.to_string())
-            .spawn(move || {
+        let returned = Arc::new(Mutex::new(None));
+        let slot = returned.clone();
+        let thread = spawn_thread(
+            name,
+            Box::new(move || {
                 run(&epoll, &thread_evts, &mut handler);
-                handler
-            })?;
+                if let Ok(mut s) = slot.lock() {
+                    *s = Some(handler);
+                }
+            }),
+        )?;
         Ok(Worker {
             stop,
             queues: evts,
             thread: Some(thread),
+            returned,
         })
     }
 
@@ -132,7 +164,7 @@ impl<H: EventHandler> Worker<H> {
     fn shutdown(&mut self) -> Option<H> {
         let _ = self.stop.write(1);
         match self.thread.take()?.join() {
-            Ok(handler) => Some(handler),
+            Ok(()) => self.returned.lock().ok().and_then(|mut s| s.take()),
             Err(_) => {
                 tracing::error!("device worker panicked");
                 None

@@ -80,8 +80,8 @@ pub struct LinuxBoot<'a> {
     pub format: KernelFormat,
     /// What [`load_kernel`] made of it.
     pub loaded: LoadedKernel,
-    /// Optional initrd.
-    pub initrd: Option<&'a Path>,
+    /// Optional initrd: its path (for messages) and the file, opened with [`open`].
+    pub initrd: Option<(&'a Path, &'a File)>,
     /// The complete command line.
     pub cmdline: &'a str,
     /// Guest RAM size.
@@ -90,7 +90,8 @@ pub struct LinuxBoot<'a> {
     pub rsdp: u64,
 }
 
-fn open(what: &'static str, path: &Path) -> Result<File, BootError> {
+/// Opens a boot file (kernel, initrd) for reading, with the error naming it.
+pub fn open(what: &'static str, path: &Path) -> Result<File, BootError> {
     File::open(path).map_err(|e| BootError::File {
         what,
         path: path.to_path_buf(),
@@ -106,14 +107,15 @@ fn open(what: &'static str, path: &Path) -> Result<File, BootError> {
 /// and only then port 0xcf9. This stub makes that jump a reset, as a real BIOS would.
 pub const RESET_VECTOR_STUB: [u8; 8] = [0xb0, 0xfe, 0xe6, 0x64, 0xfa, 0xf4, 0xeb, 0xfd];
 
-/// Loads the kernel image at `path` into `mem`. Touches nothing but `mem`'s kernel range, so it
-/// can run on a thread of its own while the rest of the VM is built.
+/// Loads the kernel image `kf` (opened from `path` with [`open`]) into `mem`. Touches nothing
+/// but `mem`'s kernel range, so it can run on a thread of its own while the rest of the VM is
+/// built.
 pub fn load_kernel(
     mem: &GuestMemoryMmap,
     path: &Path,
+    mut kf: File,
     format: KernelFormat,
 ) -> Result<LoadedKernel, BootError> {
-    let mut kf = open("kernel", path)?;
     let kernel_err = |e: linux_loader::loader::Error| BootError::Kernel {
         path: path.to_path_buf(),
         reason: e.to_string(),
@@ -151,9 +153,10 @@ pub fn load_linux(mem: &GuestMemoryMmap, b: &LinuxBoot<'_>) -> Result<BootEntry,
         .filter(|&m| m != 0)
         .unwrap_or(0x7fff_ffff);
     let initrd = match b.initrd {
-        Some(p) => Some(load_initrd(
+        Some((p, f)) => Some(load_initrd(
             mem,
             p,
+            f,
             result.kernel_end,
             initrd_max,
             b.mem_size,
@@ -201,11 +204,11 @@ fn elf_setup_header() -> setup_header {
 fn load_initrd(
     mem: &GuestMemoryMmap,
     path: &Path,
+    mut f: &File,
     kernel_end: u64,
     initrd_max: u64,
     mem_size: u64,
 ) -> Result<(u64, u64), BootError> {
-    let mut f = open("initrd", path)?;
     let size = f
         .metadata()
         .map_err(|e| BootError::File {

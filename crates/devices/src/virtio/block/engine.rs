@@ -4,13 +4,25 @@
 //! addresses come from vm-memory for ranges the request parser checked to lie in guest memory,
 //! and the worker owning the engine keeps the `GuestMemoryMmap` (hence the mappings) alive until
 //! every submitted operation has completed ([`Uring::drain`]).
+//!
+//! io_uring operations run in the kernel on the ring's behalf, out of reach of the seccomp
+//! filter, so the ring is confined instead: it is created (disabled) when the device is built,
+//! before the sandbox goes up, with the image as its only (fixed) file, and locked down with
+//! `IORING_REGISTER_RESTRICTIONS` before it is enabled — only `readv`, `writev` (not for a
+//! read-only image) and `fsync`, only on that fixed file, and no further `io_uring_register`
+//! operation at all. The device keeps that one ring for its lifetime, across resets: no ring is
+//! ever created once the guest runs.
 
 use super::request::{Op, Request, Seg};
-use io_uring::{opcode, types, IoUring};
+use io_uring::register::Restriction;
+use io_uring::{opcode, squeue, types, IoUring};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// The ring's only registered file, the image: every operation names it by this index.
+const DISK: types::Fixed = types::Fixed(0);
 
 /// Most iovecs in one readv/writev (the kernel's UIO_MAXIOV).
 const IOV_MAX: usize = 1024;
@@ -102,36 +114,85 @@ struct Slot {
 }
 
 /// The io_uring engine: up to `capacity` operations in flight, completions signalled on an
-/// eventfd the worker watches.
+/// eventfd the worker watches. The ring is restricted (see the module documentation).
 pub(super) struct Uring {
     ring: IoUring,
     eventfd: EventFd,
-    fd: RawFd,
     slots: Vec<Option<Slot>>,
     free: Vec<usize>,
     inflight: usize,
+    /// Tells this ring from any other the process ever created.
+    #[cfg(test)]
+    serial: u64,
+    /// Operations handed to the ring (first submissions, not continuations).
+    #[cfg(test)]
+    started: u64,
+}
+
+/// Adds which set-up step failed (and, for "invalid argument", the kernel it needs) to `e`,
+/// keeping its kind.
+fn setup_error(step: &'static str) -> impl Fn(io::Error) -> io::Error {
+    move |e| {
+        let hint = if e.raw_os_error() == Some(libc::EINVAL) {
+            " (restricted io_uring rings need Linux 5.10 or later)"
+        } else {
+            ""
+        };
+        io::Error::new(e.kind(), format!("{step}: {e}{hint}"))
+    }
 }
 
 impl Uring {
-    /// A ring for operations on `fd` (which must outlive the engine), `capacity` in flight.
-    pub fn new(fd: RawFd, capacity: u32) -> io::Result<Uring> {
-        let ring = IoUring::new(capacity)?;
+    /// A restricted ring for operations on `fd`, `capacity` in flight; writes only if
+    /// `writable`. The ring keeps its own reference to the file. Call it before the sandbox goes
+    /// up: it needs `io_uring_setup` and `io_uring_register`, which the seccomp filter forbids.
+    pub fn new(fd: RawFd, capacity: u32, writable: bool) -> io::Result<Uring> {
+        let ring = IoUring::builder()
+            .setup_r_disabled()
+            .build(capacity)
+            .map_err(setup_error("io_uring_setup"))?;
+        let sub = ring.submitter();
+        sub.register_files(&[fd])
+            .map_err(setup_error("registering the disk image with io_uring"))?;
         let eventfd = EventFd::new(EFD_NONBLOCK)?;
-        ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
+        sub.register_eventfd(eventfd.as_raw_fd())
+            .map_err(setup_error("registering the io_uring completion eventfd"))?;
+        let mut allowed = vec![
+            Restriction::sqe_op(opcode::Readv::CODE),
+            Restriction::sqe_op(opcode::Fsync::CODE),
+            Restriction::sqe_flags_required(squeue::Flags::FIXED_FILE.bits()),
+        ];
+        if writable {
+            allowed.push(Restriction::sqe_op(opcode::Writev::CODE));
+        }
+        // No `Restriction::register_op`: once enabled, the ring accepts no io_uring_register
+        // operation (no other file, buffer or eventfd can be added).
+        sub.register_restrictions(&mut allowed)
+            .map_err(setup_error("IORING_REGISTER_RESTRICTIONS"))?;
+        sub.register_enable_rings()
+            .map_err(setup_error("IORING_REGISTER_ENABLE_RINGS"))?;
         let n = capacity as usize;
+        #[cfg(test)]
+        static SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         Ok(Uring {
             ring,
             eventfd,
-            fd,
             slots: (0..n).map(|_| None).collect(),
             free: (0..n).rev().collect(),
             inflight: 0,
+            #[cfg(test)]
+            serial: SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            #[cfg(test)]
+            started: 0,
         })
     }
 
-    /// True if the system has io_uring (and lets this process use it).
-    pub fn available() -> bool {
-        IoUring::new(4).is_ok()
+    /// Whether the system has restricted io_uring rings (and lets this process use them); the
+    /// reason if not. Creates a ring: only where [`Uring::new`] may run too.
+    #[cfg(test)]
+    pub fn available() -> io::Result<()> {
+        let f = std::fs::File::open("/dev/null")?;
+        Uring::new(f.as_raw_fd(), 4, false).map(drop)
     }
 
     /// The completion eventfd.
@@ -146,17 +207,18 @@ impl Uring {
 
     fn entry(&self, idx: usize) -> Option<io_uring::squeue::Entry> {
         let slot = self.slots.get(idx)?.as_ref()?;
-        let fd = types::Fd(self.fd);
         let e = match &slot.req.op {
-            Op::Read { .. } => opcode::Readv::new(fd, slot.iov.0.as_ptr(), slot.iov.0.len() as u32)
-                .offset(slot.offset)
-                .build(),
-            Op::Write { .. } => {
-                opcode::Writev::new(fd, slot.iov.0.as_ptr(), slot.iov.0.len() as u32)
+            Op::Read { .. } => {
+                opcode::Readv::new(DISK, slot.iov.0.as_ptr(), slot.iov.0.len() as u32)
                     .offset(slot.offset)
                     .build()
             }
-            Op::Flush => opcode::Fsync::new(fd)
+            Op::Write { .. } => {
+                opcode::Writev::new(DISK, slot.iov.0.as_ptr(), slot.iov.0.len() as u32)
+                    .offset(slot.offset)
+                    .build()
+            }
+            Op::Flush => opcode::Fsync::new(DISK)
                 .flags(types::FsyncFlags::DATASYNC)
                 .build(),
             _ => return None,
@@ -190,6 +252,10 @@ impl Uring {
         *slot = Some(Slot { req, iov, offset });
         if self.push(idx) {
             self.inflight += 1;
+            #[cfg(test)]
+            {
+                self.started += 1;
+            }
             return Ok(());
         }
         // The submission queue is never fuller than the slots in use; this is a bug guard.
@@ -290,5 +356,51 @@ impl Uring {
             out.clear();
         }
         true
+    }
+}
+
+#[cfg(test)]
+impl Uring {
+    /// The number that tells this ring from every other one the process created.
+    pub fn serial(&self) -> u64 {
+        self.serial
+    }
+
+    /// Reads, writes and flushes started on this ring so far.
+    pub fn started(&self) -> u64 {
+        self.started
+    }
+
+    /// The ring's file descriptor.
+    pub fn ring_fd(&self) -> RawFd {
+        self.ring.as_raw_fd()
+    }
+
+    /// The ring's `io_uring_register` operations.
+    pub fn submitter(&self) -> io_uring::Submitter<'_> {
+        self.ring.submitter()
+    }
+
+    /// Submits `e` alone (nothing else may be in flight) and returns its completion's result:
+    /// what the kernel makes of an arbitrary operation on this ring.
+    ///
+    /// # Safety
+    ///
+    /// Whatever memory `e` points to must stay valid (and writable where the operation writes)
+    /// until this returns.
+    pub unsafe fn run_raw(&mut self, e: squeue::Entry) -> io::Result<i32> {
+        const RAW: u64 = u64::MAX;
+        assert_eq!(self.inflight, 0, "run_raw with operations in flight");
+        // SAFETY: the caller keeps what `e` points to valid until this returns, and this waits
+        // for the operation's completion.
+        unsafe { self.ring.submission().push(&e.user_data(RAW)) }
+            .map_err(|_| io::Error::from(io::ErrorKind::WouldBlock))?;
+        self.ring.submit_and_wait(1)?;
+        let _ = self.eventfd.read();
+        let cqe = self.ring.completion().next();
+        match cqe {
+            Some(c) if c.user_data() == RAW => Ok(c.result()),
+            _ => Err(io::ErrorKind::NotFound.into()),
+        }
     }
 }

@@ -211,13 +211,13 @@ pub(super) struct BlockWorker {
 }
 
 impl BlockWorker {
-    /// A worker state for an activated device.
+    /// A worker state for an activated device, with the sync engine until the device sets
+    /// [`BlockWorker::engine`].
     pub fn new(
         core: Core,
         mem: GuestMemoryMmap,
         queue: Queue,
         interrupt: Arc<dyn VirtioInterrupt>,
-        engine: Engine,
         limiter: RateLimiter,
     ) -> io::Result<BlockWorker> {
         Ok(BlockWorker {
@@ -225,7 +225,7 @@ impl BlockWorker {
             mem,
             queue,
             interrupt,
-            engine,
+            engine: Engine::Sync,
             limiter,
             pending: None,
             kick: EventFd::new(EFD_NONBLOCK)?,
@@ -408,13 +408,35 @@ impl EventHandler for BlockWorker {
     }
 }
 
+impl BlockWorker {
+    /// Waits for the ring's operations in flight, then hands the ring back for the next
+    /// activation (its pending requests are dropped: the device is being reset). None with the
+    /// sync engine, or when the ring failed while draining: then it is dropped and guest memory
+    /// stays mapped for good, as when the worker is dropped.
+    pub fn into_ring(mut self) -> Option<Box<Uring>> {
+        let Engine::Uring(mut u) = std::mem::replace(&mut self.engine, Engine::Sync) else {
+            return None;
+        };
+        if u.drain() {
+            Some(u)
+        } else {
+            self.keep_memory_mapped();
+            None
+        }
+    }
+
+    /// Operations may still be writing into guest memory: keeps it mapped for good rather than
+    /// risk the kernel writing into whatever is mapped there next.
+    fn keep_memory_mapped(&self) {
+        std::mem::forget(self.mem.clone());
+    }
+}
+
 impl Drop for BlockWorker {
     fn drop(&mut self) {
         if let Engine::Uring(u) = &mut self.engine {
             if !u.drain() {
-                // Operations may still be writing into guest memory: keep it mapped for good
-                // rather than risk the kernel writing into whatever is mapped there next.
-                std::mem::forget(self.mem.clone());
+                self.keep_memory_mapped();
             }
         }
     }

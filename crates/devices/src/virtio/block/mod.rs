@@ -9,6 +9,11 @@
 //! block device ioctls) run synchronously on the worker.
 //!
 //! A flush completes only once `fdatasync` has returned: a guest `fsync` reaches the host disk.
+//!
+//! The io_uring ring is created, restricted and enabled in [`Block::new`], before the sandbox
+//! goes up (the seccomp filter forbids `io_uring_setup` and `io_uring_register` afterwards). The
+//! device keeps that ring for its whole life: an activation lends it to the worker, a reset takes
+//! it back once the worker has waited for every operation in flight.
 
 mod disk;
 mod engine;
@@ -113,8 +118,9 @@ pub enum BlockError {
         /// Its length.
         len: usize,
     },
-    /// io_uring was asked for and the kernel does not provide it (or forbids it).
-    #[error("disk image {}: io_uring is not available: {source}", path.display())]
+    /// io_uring was asked for and the kernel does not provide it, forbids it, or cannot restrict
+    /// the ring.
+    #[error("disk image {}: io_uring is not available ({source}); use the sync or auto I/O engine", path.display())]
     IoUring {
         /// The image path.
         path: PathBuf,
@@ -192,33 +198,43 @@ pub struct Block {
     features: u64,
     rate: RateLimit,
     engine: IoEngine,
+    /// The restricted ring while the device is not activated (the worker has it while it
+    /// runs); always None with the sync engine.
+    ring: Option<Box<Uring>>,
     metrics: Arc<BlockMetrics>,
     worker: WorkerSlot<BlockWorker>,
 }
 
 impl Block {
-    /// Opens the image and builds an inactive device.
+    /// Opens the image and builds an inactive device, with its io_uring ring (restricted to
+    /// this image) unless the engine is [`IoEngine::Sync`]. Call it before the sandbox goes up.
     pub fn new(cfg: BlockConfig) -> Result<Block, BlockError> {
         let disk = Disk::open(&cfg)?;
-        let engine = match cfg.engine {
-            IoEngine::Sync => IoEngine::Sync,
-            IoEngine::Auto if Uring::available() => IoEngine::Uring,
-            IoEngine::Auto => {
-                tracing::info!(
-                    "disk image {}: io_uring unavailable, synchronous I/O",
-                    cfg.path.display()
-                );
-                IoEngine::Sync
-            }
-            IoEngine::Uring => {
-                if let Err(source) = io_uring::IoUring::new(4) {
-                    return Err(BlockError::IoUring {
-                        path: cfg.path,
-                        source,
-                    });
+        let ring = match cfg.engine {
+            IoEngine::Sync => None,
+            IoEngine::Auto | IoEngine::Uring => {
+                match Uring::new(disk.fd(), u32::from(QUEUE_SIZE), !disk.readonly) {
+                    Ok(u) => Some(Box::new(u)),
+                    Err(e) if cfg.engine == IoEngine::Auto => {
+                        tracing::info!(
+                            "disk image {}: io_uring unavailable ({e}); synchronous I/O",
+                            cfg.path.display()
+                        );
+                        None
+                    }
+                    Err(source) => {
+                        return Err(BlockError::IoUring {
+                            path: cfg.path,
+                            source,
+                        })
+                    }
                 }
-                IoEngine::Uring
             }
+        };
+        let engine = if ring.is_some() {
+            IoEngine::Uring
+        } else {
+            IoEngine::Sync
         };
         let lim = limits(&disk);
         let mut features = VIRTIO_F_VERSION_1
@@ -253,15 +269,27 @@ impl Block {
             features,
             rate: cfg.rate,
             engine,
+            ring,
             metrics: Arc::new(BlockMetrics::default()),
             worker: WorkerSlot::default(),
         })
     }
 
     /// The engine serving I/O: [`IoEngine::Uring`] or [`IoEngine::Sync`] (never `Auto`). It
-    /// falls back to `Sync` if io_uring cannot be set up at activation.
+    /// falls back to `Sync` for good if the ring is lost: a reset that could not wait for the
+    /// ring's operations, or a worker that failed to start or panicked.
     pub fn engine_in_use(&self) -> IoEngine {
         self.engine
+    }
+
+    /// Goes on with synchronous I/O after losing the ring (`why`): a new one cannot be created
+    /// once the sandbox is up.
+    fn ring_lost(&mut self, why: &str) {
+        tracing::warn!(
+            "disk image {}: io_uring ring lost ({why}); synchronous I/O from now on",
+            self.disk.path.display()
+        );
+        self.engine = IoEngine::Sync;
     }
 
     /// Its counters.
@@ -315,20 +343,6 @@ impl VirtioDevice for Block {
         self.reset();
         let [mut queue] = super::ready_queues::<1>(queues)?;
         queue.set_event_idx(features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0);
-        let engine = match self.engine {
-            IoEngine::Uring => match Uring::new(self.disk.fd(), u32::from(QUEUE_SIZE)) {
-                Ok(u) => Engine::Uring(Box::new(u)),
-                Err(e) => {
-                    tracing::warn!(
-                        "disk image {}: io_uring set-up failed ({e}); synchronous I/O",
-                        self.disk.path.display()
-                    );
-                    self.engine = IoEngine::Sync;
-                    Engine::Sync
-                }
-            },
-            _ => Engine::Sync,
-        };
         let limiter = RateLimiter::new(self.rate)
             .map_err(|e| VirtioError::Host(format!("rate limiter: {e}")))?;
         let core = Core {
@@ -336,11 +350,20 @@ impl VirtioDevice for Block {
             limits: limits(&self.disk),
             metrics: self.metrics.clone(),
         };
-        let handler = BlockWorker::new(core, mem, queue, interrupt, engine, limiter)
+        let mut handler = BlockWorker::new(core, mem, queue, interrupt, limiter)
             .map_err(|e| VirtioError::Host(format!("virtio-blk: {e}")))?;
-        self.worker
-            .start("fv-blk", 1, handler)
-            .map_err(|e| VirtioError::Host(format!("virtio-blk worker: {e}")))
+        // Everything that can fail before the thread starts has: lend the worker the ring.
+        if let Some(u) = self.ring.take() {
+            handler.engine = Engine::Uring(u);
+        }
+        if let Err(e) = self.worker.start("fv-blk", 1, handler) {
+            // The handler, and the ring with it, went with the thread that did not start.
+            if self.engine == IoEngine::Uring {
+                self.ring_lost("the worker thread did not start");
+            }
+            return Err(VirtioError::Host(format!("virtio-blk worker: {e}")));
+        }
+        Ok(())
     }
 
     fn queue_notify(&mut self, index: usize) {
@@ -348,9 +371,19 @@ impl VirtioDevice for Block {
     }
 
     fn reset(&mut self) {
-        // Joins the thread and drops its state (queue, engine): that waits for in-flight I/O
-        // before guest memory goes.
-        drop(self.worker.stop());
+        // Joins the thread and drops its state (queue, guest memory) once in-flight I/O is done;
+        // the ring comes back for the next activation.
+        let stopped = self.worker.stop();
+        if self.engine == IoEngine::Uring && self.ring.is_none() {
+            match stopped {
+                Some(w) => match w.into_ring() {
+                    Some(u) => self.ring = Some(u),
+                    None => self.ring_lost("operations still in flight at reset"),
+                },
+                // The worker ran with the ring and panicked (the panic is logged).
+                None => self.ring_lost("the worker panicked"),
+            }
+        }
         self.metrics.inflight.store(0, Ordering::Relaxed);
     }
 

@@ -5,7 +5,9 @@ use super::engine::Uring;
 use super::*;
 use crate::virtio::testing::{ro, wo, Buf, TestDriver, DATA, F_NEXT, F_WRITE, MEM_SIZE};
 use crate::BusDevice;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::AtomicU64;
+use std::sync::Mutex;
 use virtio_bindings::virtio_blk::*;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -71,11 +73,66 @@ fn pattern(len: usize) -> Vec<u8> {
 }
 
 fn engines() -> Vec<IoEngine> {
-    if Uring::available() {
-        vec![IoEngine::Sync, IoEngine::Uring]
-    } else {
-        eprintln!("io_uring is not available here: only the sync engine is tested");
-        vec![IoEngine::Sync]
+    match Uring::available() {
+        Ok(()) => vec![IoEngine::Sync, IoEngine::Uring],
+        Err(e) => {
+            eprintln!("io_uring is not available here ({e}): only the sync engine is tested");
+            vec![IoEngine::Sync]
+        }
+    }
+}
+
+/// True (after saying so) if test `name` cannot run here for want of restricted io_uring rings.
+fn skip_without_uring(name: &str) -> bool {
+    match Uring::available() {
+        Ok(()) => false,
+        Err(e) => {
+            eprintln!("SKIPPED {name}: restricted io_uring rings are not available here: {e}");
+            true
+        }
+    }
+}
+
+/// A block device lent to the transport while the test keeps a hand on it (to look at its
+/// ring between activations).
+struct Shared(Arc<Mutex<Block>>);
+
+impl Shared {
+    fn dev(&self) -> std::sync::MutexGuard<'_, Block> {
+        self.0.lock().unwrap()
+    }
+}
+
+impl VirtioDevice for Shared {
+    fn device_type(&self) -> u32 {
+        self.dev().device_type()
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+    fn features(&self) -> u64 {
+        self.dev().features()
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        self.dev().read_config(offset, data);
+    }
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        self.dev().write_config(offset, data);
+    }
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        features: u64,
+        queues: Vec<Queue>,
+        interrupt: Arc<dyn VirtioInterrupt>,
+    ) -> Result<(), VirtioError> {
+        self.dev().activate(mem, features, queues, interrupt)
+    }
+    fn queue_notify(&mut self, index: usize) {
+        self.dev().queue_notify(index);
+    }
+    fn reset(&mut self) {
+        self.dev().reset();
     }
 }
 
@@ -748,17 +805,181 @@ fn open_errors_name_the_path() {
 fn auto_engine_resolves() {
     let img = Image::new(512);
     let b = Block::new(img.config(IoEngine::Auto)).unwrap();
-    let want = if Uring::available() {
+    let want = if Uring::available().is_ok() {
         IoEngine::Uring
     } else {
         IoEngine::Sync
     };
     assert_eq!(b.engine_in_use(), want);
+    assert_eq!(
+        b.ring.is_some(),
+        want == IoEngine::Uring,
+        "the ring is made at construction"
+    );
+    let b = Block::new(img.config(IoEngine::Sync)).unwrap();
+    assert!(b.ring.is_none(), "no ring for the sync engine");
     if want == IoEngine::Uring {
-        // What activation does; a failure there would silently fall back to the sync engine.
-        let f = std::fs::File::open(&img.0).unwrap();
-        assert!(Uring::new(std::os::fd::AsRawFd::as_raw_fd(&f), u32::from(QUEUE_SIZE)).is_ok());
+        let mut cfg = img.config(IoEngine::Uring);
+        cfg.readonly = true;
+        let b = Block::new(cfg).unwrap();
+        assert_eq!(b.engine_in_use(), IoEngine::Uring, "read-only image");
     }
+}
+
+/// Activations lend the device's one ring to the worker and resets take it back: the guest
+/// keeps io_uring across driver reloads, and no ring is ever created after construction (the
+/// seccomp filter forbids io_uring_setup by then).
+#[test]
+fn ring_kept_across_resets_and_reactivations() {
+    if skip_without_uring("ring_kept_across_resets_and_reactivations") {
+        return;
+    }
+    let img = Image::new(16 * 512);
+    let block = Block::new(img.config(IoEngine::Uring)).unwrap();
+    let m = block.metrics();
+    let block = Arc::new(Mutex::new(block));
+    let ring_id = |b: &Block| {
+        b.ring
+            .as_deref()
+            .map(|u| (u.ring_fd(), u.serial(), u.started()))
+    };
+    let (fd, serial, _) = ring_id(&block.lock().unwrap()).expect("a ring from construction");
+    let mut dev = Dev {
+        d: TestDriver::new(Box::new(Shared(block.clone()))),
+        m,
+        done: 0,
+    };
+    let mut started = 0;
+    let mut want = pattern(16 * 512);
+    for round in 0..3u64 {
+        assert_eq!(dev.d.bring_up(u64::MAX), 15, "round {round}");
+        assert!(
+            ring_id(&block.lock().unwrap()).is_none(),
+            "round {round}: the worker has the ring"
+        );
+        let data = [0x40 + round as u8; 512];
+        dev.d.put(BUF, &data);
+        dev.hdr(VIRTIO_BLK_T_OUT, round + 1);
+        assert_eq!(dev.run(&[ro(HDR, 16), ro(BUF, 512), wo(ST, 1)]), (1, OK));
+        want[(round as usize + 1) * 512..(round as usize + 2) * 512].copy_from_slice(&data);
+        dev.hdr(VIRTIO_BLK_T_IN, round + 1);
+        dev.d.put(BUF + 0x1000, &[0; 512]);
+        let r = dev.run(&[ro(HDR, 16), wo(BUF + 0x1000, 512), wo(ST, 1)]);
+        assert_eq!(r, (513, OK), "round {round}");
+        assert_eq!(dev.d.get(BUF + 0x1000, 512), data, "round {round}");
+        dev.hdr(VIRTIO_BLK_T_FLUSH, 0);
+        assert_eq!(dev.run(&[ro(HDR, 16), wo(ST, 1)]), (1, OK));
+        // Leave reads in flight (or queued) at the reset: it waits for them.
+        dev.hdr(VIRTIO_BLK_T_IN, 0);
+        for k in 0..4 {
+            dev.submit(&[
+                ro(HDR, 16),
+                wo(BUF + 0x2000 + 0x1000 * k, 4096),
+                wo(ST + 1, 1),
+            ]);
+        }
+        dev.d.notify(0);
+        dev.d.reset_device();
+        dev.done = 0;
+        let b = block.lock().unwrap();
+        assert_eq!(b.engine_in_use(), IoEngine::Uring, "round {round}");
+        let (f, s, n) = ring_id(&b).expect("the ring came back at reset");
+        assert_eq!((f, s), (fd, serial), "round {round}: the same ring");
+        assert!(
+            n >= started + 3,
+            "round {round}: served through io_uring ({n})"
+        );
+        started = n;
+    }
+    assert_eq!(img.bytes(), want);
+    assert_eq!(dev.metric("errors"), 0);
+    assert_eq!(dev.metric("inflight"), 0);
+}
+
+/// The ring runs readv, writev (on a writable image) and fsync on its fixed file 0, and nothing
+/// else: other opcodes, other files and io_uring_register after enabling get EACCES.
+#[test]
+fn restricted_ring_refuses_other_operations() {
+    use io_uring::{opcode, types};
+    if skip_without_uring("restricted_ring_refuses_other_operations") {
+        return;
+    }
+    let img = Image::new(4096);
+    let ro_file = std::fs::File::open(&img.0).unwrap();
+    let mut u = Uring::new(ro_file.as_raw_fd(), 8, false).unwrap();
+    let mut buf = [0u8; 512];
+    let iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let disk = types::Fixed(0);
+    let eacces = Some(-libc::EACCES);
+    let mut run = |e| {
+        // SAFETY: the entries below point only into `buf` (directly or through `iov`) and at a
+        // static path, all of which outlive every call.
+        unsafe { u.run_raw(e) }.ok()
+    };
+
+    let readv = opcode::Readv::new(disk, &iov, 1).offset(512).build();
+    assert_eq!(run(readv), Some(512), "readv on the fixed file");
+    let fsync = opcode::Fsync::new(disk).build();
+    assert_eq!(run(fsync), Some(0), "fsync on the fixed file");
+
+    let plain = opcode::Readv::new(types::Fd(ro_file.as_raw_fd()), &iov, 1).build();
+    assert_eq!(
+        run(plain),
+        eacces,
+        "readv on a descriptor, not the fixed file"
+    );
+    let read = opcode::Read::new(disk, buf.as_mut_ptr(), 512).build();
+    assert_eq!(run(read), eacces, "IORING_OP_READ is not on the list");
+    let writev = opcode::Writev::new(disk, &iov, 1).build();
+    assert_eq!(run(writev), eacces, "no writev on a read-only image's ring");
+    let path = b"/etc/hostname\0";
+    let open = opcode::OpenAt::new(types::Fd(libc::AT_FDCWD), path.as_ptr().cast()).build();
+    assert_eq!(run(open), eacces, "IORING_OP_OPENAT");
+    let open = opcode::OpenAt::new(types::Fd(libc::AT_FDCWD), path.as_ptr().cast())
+        .build()
+        .flags(io_uring::squeue::Flags::FIXED_FILE);
+    assert_eq!(
+        run(open),
+        eacces,
+        "IORING_OP_OPENAT, even with the fixed-file flag"
+    );
+    let nop = opcode::Nop::new().build();
+    assert_eq!(run(nop), eacces, "IORING_OP_NOP");
+
+    let sub = u.submitter();
+    let no_register = |r: std::io::Result<()>, what: &str| {
+        let e = r.expect_err(what);
+        assert_eq!(e.raw_os_error(), Some(libc::EACCES), "{what}: {e}");
+    };
+    no_register(
+        sub.register_files_update(0, &[ro_file.as_raw_fd()])
+            .map(drop),
+        "replacing the fixed file",
+    );
+    no_register(sub.register_files(&[ro_file.as_raw_fd()]), "more files");
+    no_register(sub.unregister_files(), "dropping the fixed file");
+    no_register(sub.unregister_eventfd(), "dropping the eventfd");
+    no_register(sub.register_enable_rings(), "enabling again");
+
+    // A writable image's ring writes.
+    let rw = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&img.0)
+        .unwrap();
+    let mut u = Uring::new(rw.as_raw_fd(), 8, true).unwrap();
+    buf = [0x5a; 512];
+    let iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let writev = opcode::Writev::new(disk, &iov, 1).offset(1024).build();
+    // SAFETY: `iov` and `buf` outlive the call.
+    assert_eq!(unsafe { u.run_raw(writev) }.ok(), Some(512));
+    assert_eq!(img.bytes()[1024..1536], [0x5a; 512]);
 }
 
 /// What the fuzz target does, with pseudo-random memory: must neither panic nor hang.
