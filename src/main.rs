@@ -90,6 +90,34 @@ struct DaemonArgs {
     /// or `vms/` beside the daemon's own delegated cgroup).
     #[arg(long, value_name = "PATH")]
     cgroup_parent: Option<PathBuf>,
+    /// The uids (and gids) VMs' confined VMMs run as, one per VM, recorded in the state
+    /// directory: FIRST-LAST, at least 16 ids, none used by an account or group of the host.
+    #[arg(long, value_name = "FIRST-LAST", default_value = "900000-965535", value_parser = parse_uid_range)]
+    uid_range: std::ops::RangeInclusive<u32>,
+    /// Run every VM WITHOUT these walls (comma-separated: namespaces, filesystem, identity,
+    /// seccomp, landlock, cgroups, apparmor, selinux); shown in `/v1/host`.
+    #[arg(long, value_name = "WALLS", value_parser = parse_walls)]
+    allow_unconfined: Option<Vec<jail::Wall>>,
+    /// Refuse to start a VM without these host-dependent walls (landlock, cgroups, apparmor,
+    /// selinux); the others are always required unless --allow-unconfined.
+    #[arg(long, value_name = "WALLS", value_parser = parse_walls)]
+    require: Option<Vec<jail::Wall>>,
+}
+
+fn parse_walls(s: &str) -> Result<Vec<jail::Wall>, String> {
+    jail::Wall::parse_list(s).map_err(|e| e.to_string())
+}
+
+fn parse_uid_range(s: &str) -> Result<std::ops::RangeInclusive<u32>, String> {
+    let (a, b) = s
+        .split_once('-')
+        .ok_or_else(|| format!("{s:?}: expected FIRST-LAST, e.g. 900000-965535"))?;
+    let num = |x: &str| {
+        x.trim()
+            .parse::<u32>()
+            .map_err(|e| format!("{s:?}: {x:?} is not a uid ({e})"))
+    };
+    Ok(num(a)?..=num(b)?)
 }
 
 #[derive(Subcommand)]
@@ -468,6 +496,11 @@ fn run_daemon(args: &DaemonArgs) -> anyhow::Result<u8> {
         vmm_binary: None,
         ready_timeout: std::time::Duration::from_secs(args.ready_timeout),
         cgroup_parent: args.cgroup_parent.clone(),
+        jail: daemon::manager::JailPolicy {
+            uid_range: args.uid_range.clone(),
+            skip: args.allow_unconfined.clone().unwrap_or_default(),
+            require: args.require.clone().unwrap_or_default(),
+        },
     };
     daemon::server::run(&opts).context("ferrovisor daemon")?;
     Ok(0)

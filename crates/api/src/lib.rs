@@ -473,6 +473,29 @@ pub struct HostInfo {
     pub in_use: Capacity,
     /// Per-VM resource limits (cgroups v2): available or why not.
     pub cgroups: CgroupInfo,
+    /// Each wall around the VMMs: `namespaces`, `filesystem`, `identity`, `seccomp`,
+    /// `landlock`, `cgroups`, `apparmor`, `selinux`.
+    pub walls: Vec<WallInfo>,
+}
+
+/// One wall around the VMMs, as this daemon puts it up on this host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct WallInfo {
+    /// Its name.
+    pub name: String,
+    /// Whether this host offers it.
+    pub available: bool,
+    /// Whether VMs get it: on (and available), unless the operator let them run without it
+    /// (`--allow-unconfined`).
+    pub enabled: bool,
+    /// Whether a VM that cannot have it must not start: always for the walls the VMM puts up
+    /// itself (namespaces, filesystem, identity, seccomp) unless they are off; for the
+    /// host-dependent ones (landlock, cgroups, apparmor, selinux) when `--require`d.
+    pub required: bool,
+    /// `--allow-unconfined` turned it off.
+    pub unconfined_by_operator: bool,
+    /// What it is here, or why this host does not offer it.
+    pub detail: String,
 }
 
 /// One entry of the daemon's event log.

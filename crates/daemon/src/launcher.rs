@@ -20,9 +20,8 @@ use std::fs::OpenOptions;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::os::unix::process::CommandExt;
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// How long [`launch`] waits for the control socket by default.
@@ -45,6 +44,25 @@ pub struct LaunchSpec {
     /// A cgroup v2 `cgroup.procs` file: the VMM joins that cgroup before it execs, so it
     /// never runs outside its limits.
     pub cgroup_procs: Option<PathBuf>,
+    /// Confinement (`ferrovisor run --jail`), or `None` for an unconfined VMM.
+    pub jail: Option<LaunchJail>,
+}
+
+/// How a confined VMM is started.
+#[derive(Clone, Debug)]
+pub struct LaunchJail {
+    /// Its uid and gid.
+    pub uid: u32,
+    /// See `uid`.
+    pub gid: u32,
+    /// Walls it runs without (the VMM's own: namespaces, filesystem, identity, seccomp,
+    /// landlock).
+    pub skip: Vec<jail::Wall>,
+    /// Host-dependent walls it must have (landlock).
+    pub require: Vec<jail::Wall>,
+    /// An LSM label the VMM's process takes at exec: the `/proc/self/attr/...` file and what
+    /// to write there.
+    pub exec_label: Option<(PathBuf, Vec<u8>)>,
 }
 
 impl LaunchSpec {
@@ -56,6 +74,7 @@ impl LaunchSpec {
             config,
             ready_timeout: DEFAULT_READY_TIMEOUT,
             cgroup_procs: None,
+            jail: None,
         }
     }
 }
@@ -224,20 +243,36 @@ pub fn launch(spec: &LaunchSpec) -> Result<Launched, LaunchError> {
     let log_start = log.metadata().map_err(prep(&paths.log))?.len();
     let log_err = log.try_clone().map_err(prep(&paths.log))?;
 
-    let mut cmd = Command::new(&spec.binary);
-    cmd.arg("run")
-        .arg("--config")
-        .arg(&paths.config)
-        .arg("--control")
-        .arg(&paths.control)
-        .arg("--serial")
-        .arg(format!("socket={}", paths.console.display()))
-        .arg("--exit-report")
-        .arg(&paths.exit_report)
-        .stdin(Stdio::null())
-        .stdout(log)
-        .stderr(log_err);
-    // Opened here, before the fork: the child may only make async-signal-safe calls.
+    let mut args: Vec<std::ffi::OsString> = vec!["run".into(), "--config".into()];
+    args.push(paths.config.clone().into());
+    args.push("--control".into());
+    args.push(paths.control.clone().into());
+    args.push("--serial".into());
+    args.push(format!("socket={}", paths.console.display()).into());
+    args.push("--exit-report".into());
+    args.push(paths.exit_report.clone().into());
+    if let Some(j) = &spec.jail {
+        args.push("--jail".into());
+        args.push(format!("--jail-uid={}", j.uid).into());
+        args.push(format!("--jail-gid={}", j.gid).into());
+        args.push("--jail-dir".into());
+        args.push(paths.dir.clone().into());
+        let list =
+            |walls: &[jail::Wall]| walls.iter().map(|w| w.name()).collect::<Vec<_>>().join(",");
+        if !j.skip.is_empty() {
+            args.push(format!("--allow-unconfined={}", list(&j.skip)).into());
+        }
+        if !j.require.is_empty() {
+            args.push(format!("--require={}", list(&j.require)).into());
+        }
+    }
+    // Nothing of the daemon's environment but the log filter.
+    let rust_log = std::env::var_os("RUST_LOG");
+    let mut env = Vec::new();
+    if let Some(v) = &rust_log {
+        env.push((std::ffi::OsStr::new("RUST_LOG"), v.as_os_str()));
+    }
+    // Opened here, before the clone: the child may only make async-signal-safe calls.
     let cgroup_procs = match &spec.cgroup_procs {
         Some(path) => Some(
             OpenOptions::new()
@@ -247,38 +282,33 @@ pub fn launch(spec: &LaunchSpec) -> Result<Launched, LaunchError> {
         ),
         None => None,
     };
-    let cgroup_fd = cgroup_procs.as_ref().map(|f| f.as_raw_fd());
-    // SAFETY: the closure runs in the forked child before exec and only calls setsid(2) and
-    // write(2) on an fd the parent keeps open until after the spawn, both async-signal-safe;
-    // it touches no memory of the parent but a static byte string. setsid cannot fail in a
-    // freshly forked child (it is never a process group leader).
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setsid() == -1 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if let Some(fd) = cgroup_fd {
-                // "0" moves the writing process (this child) into the cgroup.
-                if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        });
-    }
-    let spawned = cmd.spawn();
+    let exec_label = spec.jail.as_ref().and_then(|j| j.exec_label.as_ref());
+    let spawned = jail::spawn::spawn(&jail::spawn::Spawn {
+        program: &spec.binary,
+        args: args.iter().map(|a| a.as_os_str()).collect(),
+        env,
+        stdio: [None, Some(log.as_raw_fd()), Some(log_err.as_raw_fd())],
+        new_session: true,
+        // A confined VMM is the first process of a PID namespace of its own.
+        new_pid_namespace: spec
+            .jail
+            .as_ref()
+            .is_some_and(|j| !j.skip.contains(&jail::Wall::Namespaces)),
+        cgroup_procs: cgroup_procs.as_ref().map(|f| f.as_raw_fd()),
+        exec_label: exec_label.map(|(p, b)| (p.as_path(), b.as_slice())),
+    });
     drop(cgroup_procs);
-    let mut child = spawned.map_err(|source| LaunchError::Spawn {
+    drop((log, log_err));
+    let pid = spawned.map_err(|source| LaunchError::Spawn {
         binary: spec.binary.clone(),
         source,
     })?;
-    let pid = child.id();
+    let mut child = Child(pid);
     // The child cannot be reaped before we wait for it, so its /proc entry is there.
     let start_time = match proc_start_time(pid) {
         Ok(t) => t,
         Err(source) => {
-            let _ = child.kill();
-            let _ = child.wait();
+            child.kill_and_reap();
             return Err(LaunchError::Spawn {
                 binary: spec.binary.clone(),
                 source,
@@ -288,14 +318,15 @@ pub fn launch(spec: &LaunchSpec) -> Result<Launched, LaunchError> {
 
     let begun = Instant::now();
     loop {
-        match child.try_wait() {
-            Ok(Some(status)) => {
+        match jail::spawn::try_wait_raw(pid) {
+            Ok(Some(raw)) => {
+                let status = std::process::ExitStatus::from_raw(raw);
                 return Err(LaunchError::Exited {
                     pid,
                     start_time,
                     status,
                     log_tail: log_tail(&paths.log, log_start),
-                })
+                });
             }
             Ok(None) => {}
             Err(source) => {
@@ -306,8 +337,8 @@ pub fn launch(spec: &LaunchSpec) -> Result<Launched, LaunchError> {
             }
         }
         if paths.control.exists() && control_answers(&paths.control) {
-            // Dropping a `Child` neither kills nor reaps it: the supervisor reaps it.
-            drop(child);
+            // Not reaped here: the supervisor reaps it.
+            let _ = child;
             return Ok(Launched {
                 pid,
                 start_time,
@@ -315,14 +346,23 @@ pub fn launch(spec: &LaunchSpec) -> Result<Launched, LaunchError> {
             });
         }
         if begun.elapsed() > spec.ready_timeout {
-            let _ = child.kill();
-            let _ = child.wait();
+            child.kill_and_reap();
             return Err(LaunchError::Timeout {
                 timeout: spec.ready_timeout,
                 log_tail: log_tail(&paths.log, log_start),
             });
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A started VMM not yet handed to the supervisor.
+struct Child(u32);
+
+impl Child {
+    fn kill_and_reap(&mut self) {
+        let _ = jail::spawn::signal(self.0, libc::SIGKILL);
+        let _ = jail::spawn::wait(self.0);
     }
 }
 

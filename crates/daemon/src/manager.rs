@@ -55,7 +55,70 @@ pub struct ManagerConfig {
     pub ready_timeout: Duration,
     /// Where each VM's cgroup goes, or why there are none (limits are then refused).
     pub cgroups: Result<CgroupRoot, Unavailable>,
+    /// How VMMs are confined.
+    pub jail: JailPolicy,
 }
+
+/// How the daemon confines VMMs (`ferrovisor daemon --uid-range --allow-unconfined --require`).
+#[derive(Clone, Debug)]
+pub struct JailPolicy {
+    /// The uids (and gids) VMs are given, one each.
+    pub uid_range: std::ops::RangeInclusive<u32>,
+    /// Walls VMs run without (the operator's explicit choice).
+    pub skip: Vec<jail::Wall>,
+    /// Host-dependent walls without which a VM must not start.
+    pub require: Vec<jail::Wall>,
+}
+
+impl Default for JailPolicy {
+    fn default() -> Self {
+        JailPolicy {
+            uid_range: jail::DEFAULT_UID_RANGE,
+            skip: Vec::new(),
+            require: Vec::new(),
+        }
+    }
+}
+
+impl JailPolicy {
+    /// Checks a policy before the daemon starts: the uid range holds at least
+    /// [`MIN_UID_RANGE`] ids, none 0 and none an account or group of this host; no wall both
+    /// required and skipped.
+    pub fn validate(&self) -> Result<(), String> {
+        let (lo, hi) = (*self.uid_range.start(), *self.uid_range.end());
+        if lo == 0 || hi < lo {
+            return Err(format!(
+                "--uid-range {lo}-{hi}: must be FIRST-LAST with 0 < FIRST <= LAST"
+            ));
+        }
+        if u64::from(hi) - u64::from(lo) + 1 < MIN_UID_RANGE {
+            return Err(format!(
+                "--uid-range {lo}-{hi}: too small; give at least {MIN_UID_RANGE} ids (one per VM)"
+            ));
+        }
+        if let Some(id) = jail::host_ids().range(lo..=hi).next() {
+            return Err(format!(
+                "--uid-range {lo}-{hi}: overlaps this host's users or groups (id {id} is in                  /etc/passwd or /etc/group); choose ids no account uses, e.g. 900000-965535"
+            ));
+        }
+        for w in &self.require {
+            if self.skip.contains(w) {
+                return Err(format!(
+                    "--require {w} and --allow-unconfined {w} contradict each other"
+                ));
+            }
+            if !w.host_dependent() {
+                return Err(format!(
+                    "--require {w}: {w} is always required (only landlock, cgroups, apparmor and                      selinux depend on the host)"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The fewest uids a `--uid-range` may hold.
+pub const MIN_UID_RANGE: u64 = 16;
 
 /// Why an operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -400,6 +463,78 @@ impl Manager {
         Ok((rec, a))
     }
 
+    /// How VM `rec`'s VMM is confined, or why it must not start (a wall that is on cannot
+    /// go up: fail closed).
+    fn jail_for(&self, rec: &VmRecord) -> Result<Option<launcher::LaunchJail>, String> {
+        use jail::Wall;
+        let policy = &self.inner.cfg.jail;
+        let probe = jail::probe();
+        let status = |w: Wall| probe.iter().find(|s| s.wall == w);
+        for w in [
+            Wall::Namespaces,
+            Wall::Filesystem,
+            Wall::Identity,
+            Wall::Seccomp,
+        ] {
+            if policy.skip.contains(&w) {
+                continue;
+            }
+            if let Some(s) = status(w).filter(|s| !s.available) {
+                return Err(format!(
+                    "the {w} wall cannot go up: {} (`ferrovisor daemon --allow-unconfined {w}`                      runs VMs without it)",
+                    s.detail
+                ));
+            }
+        }
+        for w in &policy.require {
+            let missing = match w {
+                Wall::Cgroups => self.inner.cfg.cgroups.as_ref().err().map(|e| e.to_string()),
+                w => status(*w)
+                    .filter(|s| !s.available)
+                    .map(|s| s.detail.clone()),
+            };
+            if let Some(why) = missing {
+                return Err(format!(
+                    "the {w} wall is required (--require) but cannot go up: {why}"
+                ));
+            }
+        }
+        let vmm_skip: Vec<Wall> = policy.skip.iter().copied().filter(|w| w.in_vmm()).collect();
+        if Wall::ALL
+            .iter()
+            .filter(|w| w.in_vmm())
+            .all(|w| vmm_skip.contains(w))
+        {
+            return Ok(None);
+        }
+        let mut taken = jail::host_ids();
+        taken.extend(jail::running_uids());
+        let uid = self
+            .inner
+            .store
+            .assign_uid(rec.id.as_str(), policy.uid_range.clone(), &taken)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| {
+                format!(
+                    "the identity wall cannot go up: every uid of --uid-range {}-{} is taken",
+                    policy.uid_range.start(),
+                    policy.uid_range.end()
+                )
+            })?;
+        Ok(Some(launcher::LaunchJail {
+            uid,
+            gid: uid,
+            skip: vmm_skip,
+            require: policy
+                .require
+                .iter()
+                .copied()
+                .filter(|w| *w == Wall::Landlock)
+                .collect(),
+            exec_label: None,
+        }))
+    }
+
     /// Starts VM `id` (the caller holds its lock). `by_user`: a user's start (sets the desired
     /// state, which a failed start resets to `stopped`); otherwise a restart by policy.
     pub fn start(&self, id: &str, by_user: bool) -> Result<VmRecord, OpError> {
@@ -439,6 +574,10 @@ impl Manager {
             }
             Err(_) => Ok(()),
         };
+        let launched = launched.and_then(|()| {
+            spec.jail = self.jail_for(&rec)?;
+            Ok(())
+        });
         let launched = match launched {
             Ok(()) => launcher::launch(&spec),
             Err(reason) => {
@@ -816,6 +955,14 @@ fn send(
 /// Records one VMM exit and applies the restart policy. `context` is added to the reason.
 fn handle_exit(inner: &Arc<Inner>, notice: &ExitNotice, context: Option<&str>) {
     let (mut reason, code) = describe_exit(notice.status, notice.report.as_ref());
+    if notice.status == ExitStatusKind::Signaled(libc::SIGSYS) {
+        // Its seccomp filter killed it (or someone sent it SIGSYS, which a confined VMM turns
+        // into the same kill).
+        reason = format!(
+            "seccomp violation: {}",
+            jail::seccomp::violation(notice.pid)
+        );
+    }
     if let Some(c) = context {
         reason = format!("{reason} ({c})");
     }

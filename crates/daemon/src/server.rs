@@ -34,6 +34,8 @@ pub struct DaemonOptions {
     /// The cgroup v2 directory under which VMs get theirs (default: found from the daemon's
     /// own cgroup, see [`CgroupRoot::detect`]).
     pub cgroup_parent: Option<PathBuf>,
+    /// How VMMs are confined.
+    pub jail: crate::manager::JailPolicy,
 }
 
 /// Why the daemon could not run.
@@ -100,6 +102,14 @@ fn check_state_dir_length(state_dir: &std::path::Path) -> Result<(), DaemonError
 /// Runs the daemon until SIGTERM or SIGINT.
 pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
     let gid = opts.group.as_deref().map(resolve_group).transpose()?;
+    opts.jail.validate().map_err(DaemonError::Usage)?;
+    if !opts.jail.skip.is_empty() {
+        let walls: Vec<&str> = opts.jail.skip.iter().map(|w| w.name()).collect();
+        eprintln!(
+            "ferrovisor daemon: VMs run WITHOUT these walls (--allow-unconfined): {}",
+            walls.join(", ")
+        );
+    }
     check_state_dir_length(&opts.state_dir)?;
     let binary = match &opts.vmm_binary {
         Some(b) => b.clone(),
@@ -132,6 +142,7 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
             run_dir: opts.state_dir.join("vms"),
             ready_timeout: opts.ready_timeout,
             cgroups,
+            jail: opts.jail.clone(),
         },
         rt.handle().clone(),
         changed.clone(),
@@ -151,6 +162,7 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
         ApiConfig {
             state_dir: opts.state_dir.clone(),
             kvm_path: opts.kvm.clone(),
+            jail: opts.jail.clone(),
         },
     );
     let socket = opts.socket.clone();

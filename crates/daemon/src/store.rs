@@ -103,7 +103,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// The schema version this build writes and understands.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// `PRAGMA application_id` of a Ferrovisor state database ("FVST").
 const APPLICATION_ID: i32 = 0x4656_5354;
@@ -117,7 +117,14 @@ pub type UnixMillis = i64;
 /// An event's id: strictly increasing over the life of the store.
 pub type EventId = i64;
 
-const MIGRATIONS: &[(i64, &str)] = &[(1, SCHEMA_V1), (2, SCHEMA_V2)];
+const MIGRATIONS: &[(i64, &str)] = &[(1, SCHEMA_V1), (2, SCHEMA_V2), (3, SCHEMA_V3)];
+
+/// v3: the uid (and gid) a VM's confined VMM runs as, allocated at its first start from the
+/// daemon's `--uid-range` and kept until the VM is deleted; unique among VMs.
+const SCHEMA_V3: &str = "
+ALTER TABLE vms ADD COLUMN uid INTEGER CHECK (uid IS NULL OR (uid > 0 AND uid < 4294967295));
+CREATE UNIQUE INDEX vms_uid ON vms (uid);
+";
 
 /// v2: per-VM host resource limits (cgroups), as JSON ([`api::Resources`]).
 const SCHEMA_V2: &str = "
@@ -678,6 +685,56 @@ impl Store {
                 now,
             )?;
             find(tx, id.as_str())
+        })
+    }
+
+    /// The uid VM `vm`'s confined VMM runs as: the one it was given before, or the lowest of
+    /// `range` that no other VM holds and `taken` (host accounts, running processes) does not
+    /// contain, recorded now. `None` when the range is exhausted.
+    pub fn assign_uid(
+        &self,
+        vm: &str,
+        range: std::ops::RangeInclusive<u32>,
+        taken: &std::collections::BTreeSet<u32>,
+    ) -> Result<Option<u32>, StoreError> {
+        self.write(|tx| {
+            let rec = find(tx, vm)?;
+            let had: Option<i64> = tx.query_row(
+                "SELECT uid FROM vms WHERE id = ?1",
+                [rec.id.as_str()],
+                |r| r.get(0),
+            )?;
+            if let Some(uid) = had.and_then(|u| u32::try_from(u).ok()) {
+                return Ok(Some(uid));
+            }
+            let mut stmt = tx.prepare("SELECT uid FROM vms WHERE uid IS NOT NULL")?;
+            let held = stmt
+                .query_map([], |r| r.get::<_, i64>(0))?
+                .collect::<Result<std::collections::BTreeSet<_>, _>>()?;
+            let Some(uid) = range
+                .into_iter()
+                .find(|u| !held.contains(&i64::from(*u)) && !taken.contains(u))
+            else {
+                return Ok(None);
+            };
+            tx.execute(
+                "UPDATE vms SET uid = ?2 WHERE id = ?1",
+                params![rec.id.as_str(), i64::from(uid)],
+            )?;
+            Ok(Some(uid))
+        })
+    }
+
+    /// The uid VM `vm` was given by [`Store::assign_uid`], if any.
+    pub fn uid_of(&self, vm: &str) -> Result<Option<u32>, StoreError> {
+        self.read(|tx| {
+            let rec = find(tx, vm)?;
+            let uid: Option<i64> = tx.query_row(
+                "SELECT uid FROM vms WHERE id = ?1",
+                [rec.id.as_str()],
+                |r| r.get(0),
+            )?;
+            Ok(uid.and_then(|u| u32::try_from(u).ok()))
         })
     }
 

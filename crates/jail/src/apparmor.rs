@@ -351,7 +351,7 @@ impl VmProfile {
              # (a tmpfs) over it and binds it inside at the same path, so these rules hold \
              before and\n  \
              # after the pivot.\n  \
-             \"{run}/\" r,\n  \
+             \"{run}/\" rw,\n  \
              \"{run}/**\" rwk,\n\
              \n  \
              # -- Its jail: private propagation, the tmpfs over the run directory, the run \
@@ -556,7 +556,7 @@ mod tests {
             "  \"/var/lib/ferrovisor/images/initrd.img\" r,",
             "  \"/srv/images/base with space.img\" r,",
             "  \"/srv/vms/web-1/root.img\" rwk,",
-            "  \"/var/lib/ferrovisor/vms/0123456789abcdef0123456789abcdef/\" r,",
+            "  \"/var/lib/ferrovisor/vms/0123456789abcdef0123456789abcdef/\" rw,",
             "  \"/var/lib/ferrovisor/vms/0123456789abcdef0123456789abcdef/**\" rwk,",
             "  mount fstype=tmpfs options in (rw, nosuid, nodev, noexec) ferrovisor-jail -> \
              \"/var/lib/ferrovisor/vms/0123456789abcdef0123456789abcdef/\",",

@@ -340,6 +340,8 @@ fn rules_for(kind: ThreadKind, pid: u32) -> Result<Rules, String> {
             // A device activating on this thread makes its worker's eventfds and epoll (the
             // thread itself is made by the spawner).
             allow(&mut r, &[SYS_epoll_create1, SYS_timerfd_create, SYS_dup]);
+            // Serial output to a socket console's client.
+            allow(&mut r, &[SYS_sendto, SYS_sendmsg, SYS_shutdown]);
         }
         ThreadKind::Device => device_io(&mut r)?,
         ThreadKind::Spawner => {
@@ -564,4 +566,51 @@ pub fn install_sigsys_handler() -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// What killed process `pid` (its host pid) by seccomp, from the kernel's audit record of the
+/// kill (`type=1326 ... pid=<pid> ... syscall=<nr>`, in the kernel log): the system call's
+/// name and number, or why it is not known.
+pub fn violation(pid: u32) -> String {
+    match audit_syscall(pid) {
+        Some(SIGSYS_MARKER) => "SIGSYS sent to the VMM from outside".into(),
+        Some(nr) => match syscall_name(nr) {
+            Some(name) => format!("{name} (system call {nr})"),
+            None => format!("system call {nr}"),
+        },
+        None => "unknown system call (no audit record of the kill in the kernel log)".into(),
+    }
+}
+
+/// The `syscall=` of the last seccomp audit record about `pid` in `/dev/kmsg`.
+fn audit_syscall(pid: u32) -> Option<i64> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open("/dev/kmsg")
+        .ok()?;
+    let needle = format!(" pid={pid} ");
+    let mut found = None;
+    let mut buf = vec![0u8; 8192];
+    // One record per read; EAGAIN at the end of the buffer, EPIPE when records were
+    // overwritten meanwhile (then go on).
+    for _ in 0..100_000 {
+        match f.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                let rec = String::from_utf8_lossy(&buf[..n]);
+                if rec.contains("type=1326") && rec.contains(&needle) {
+                    found = rec
+                        .split_whitespace()
+                        .find_map(|w| w.strip_prefix("syscall="))
+                        .and_then(|v| v.parse().ok());
+                }
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EPIPE) => continue,
+            Err(_) => break,
+        }
+    }
+    found
 }

@@ -323,6 +323,18 @@ pub fn wait(pid: u32) -> io::Result<Ended> {
     }
 }
 
+/// The raw wait status of child `pid` if it has ended (reaping it), `None` if it runs.
+pub fn try_wait_raw(pid: u32) -> io::Result<Option<i32>> {
+    let mut status = 0;
+    // SAFETY: waitpid writes the status into our local.
+    let r = unsafe { libc::waitpid(pid as libc::pid_t, &mut status, libc::WNOHANG) };
+    match r {
+        0 => Ok(None),
+        r if r > 0 => Ok(Some(status)),
+        _ => Err(io::Error::last_os_error()),
+    }
+}
+
 /// Sends `sig` to process `pid`.
 pub fn signal(pid: u32, sig: i32) -> io::Result<()> {
     // SAFETY: kill has no memory effects.

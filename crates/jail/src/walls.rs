@@ -53,10 +53,22 @@ impl Wall {
     }
 
     /// Walls that go up only where the host has them (and are reported where it has not),
-    /// unless the operator requires them: Landlock and the LSMs. The others are always on
+    /// unless the operator requires them: Landlock, cgroups (a VM without resource limits runs
+    /// where the host has no cgroup v2, as before) and the LSMs. The others are always on
     /// unless the operator lets a VM run without them.
     pub fn host_dependent(self) -> bool {
-        matches!(self, Wall::Landlock | Wall::Apparmor | Wall::Selinux)
+        matches!(
+            self,
+            Wall::Landlock | Wall::Cgroups | Wall::Apparmor | Wall::Selinux
+        )
+    }
+
+    /// The walls the VMM puts up itself (`ferrovisor run --jail`).
+    pub fn in_vmm(self) -> bool {
+        matches!(
+            self,
+            Wall::Namespaces | Wall::Filesystem | Wall::Identity | Wall::Seccomp | Wall::Landlock
+        )
     }
 
     /// Parses a comma-separated list (`landlock,apparmor`); an empty string is no wall.

@@ -37,6 +37,8 @@ pub async fn host_info(State(st): State<AppState>) -> Result<Json<HostInfo>, Fai
             reason: Some(why.to_string()),
         },
     };
+    let policy = st.config().jail.clone();
+    let walls = walls(&policy, &cgroups);
     st.blocking(move |s| {
         let vms = s.list()?;
         let (flavour, module) = match Detected::detect() {
@@ -65,7 +67,40 @@ pub async fn host_info(State(st): State<AppState>) -> Result<Json<HostInfo>, Fai
             vms: u32::try_from(vms.len()).unwrap_or(u32::MAX),
             in_use,
             cgroups,
+            walls,
         }))
     })
     .await
+}
+
+/// Each wall: what the host offers, and what the daemon's policy makes of it.
+pub fn walls(policy: &crate::manager::JailPolicy, cgroups: &api::CgroupInfo) -> Vec<api::WallInfo> {
+    let probe = jail::probe();
+    jail::Wall::ALL
+        .iter()
+        .map(|&w| {
+            let (available, detail) = match probe.iter().find(|s| s.wall == w) {
+                Some(s) => (s.available, s.detail.clone()),
+                None => (
+                    cgroups.available,
+                    cgroups
+                        .reason
+                        .clone()
+                        .unwrap_or_else(|| match &cgroups.path {
+                            Some(p) => format!("a cgroup per VM under {p}"),
+                            None => "a cgroup per VM".into(),
+                        }),
+                ),
+            };
+            let off = policy.skip.contains(&w);
+            api::WallInfo {
+                name: w.name().to_string(),
+                available,
+                enabled: available && !off,
+                required: !off && (!w.host_dependent() || policy.require.contains(&w)),
+                unconfined_by_operator: off,
+                detail,
+            }
+        })
+        .collect()
 }

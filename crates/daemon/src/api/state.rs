@@ -16,6 +16,8 @@ pub struct ApiConfig {
     pub state_dir: PathBuf,
     /// The KVM device (`/dev/kvm`): configs are validated against its limits.
     pub kvm_path: PathBuf,
+    /// How VMMs are confined.
+    pub jail: crate::manager::JailPolicy,
 }
 
 /// The API's shared state: the VM manager (and through it the store), the config, the change

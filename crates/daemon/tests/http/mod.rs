@@ -54,6 +54,7 @@ impl Server {
                     ready_timeout: Duration::from_secs(10),
                     // API tests do not touch the host's cgroups.
                     cgroups: Err(daemon::cgroup::Unavailable::NoCgroup2),
+                    jail: Default::default(),
                 },
                 rt.handle().clone(),
                 changed.clone(),
@@ -65,6 +66,7 @@ impl Server {
                 ApiConfig {
                     state_dir,
                     kvm_path: PathBuf::from("/dev/kvm"),
+                    jail: Default::default(),
                 },
             );
             rt.block_on(async move {
