@@ -33,14 +33,19 @@ pub struct JailArgs {
     /// Walls to run without, comma-separated (namespaces, filesystem, identity, seccomp,
     /// landlock).
     #[arg(long, value_name = "WALLS", value_parser = parse_walls, requires = "jail")]
-    pub allow_unconfined: Option<Vec<Wall>>,
+    pub allow_unconfined: Option<Walls>,
     /// Host-dependent walls that must go up (landlock): without them the VMM does not start.
     #[arg(long, value_name = "WALLS", value_parser = parse_walls, requires = "jail")]
-    pub require: Option<Vec<Wall>>,
+    pub require: Option<Walls>,
 }
 
-fn parse_walls(s: &str) -> Result<Vec<Wall>, String> {
-    Wall::parse_list(s).map_err(|e| e.to_string())
+/// A comma-separated list of walls on the command line.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Walls(pub Vec<Wall>);
+
+/// Parses `--allow-unconfined`/`--require`.
+pub fn parse_walls(s: &str) -> Result<Walls, String> {
+    Wall::parse_list(s).map(Walls).map_err(|e| e.to_string())
 }
 
 /// The directory the confined VMM keeps, after checking that every path it uses at run time
@@ -113,13 +118,13 @@ pub fn plan(jail: &JailArgs, run_dir: Option<PathBuf>) -> anyhow::Result<jail::P
         Some(g) => g,
         None => uid,
     };
-    let skip = jail.allow_unconfined.clone().unwrap_or_default();
+    let skip = jail.allow_unconfined.clone().unwrap_or_default().0;
     for w in &skip {
         if matches!(w, Wall::Cgroups | Wall::Apparmor | Wall::Selinux) {
             bail!("--allow-unconfined {w}: `run` does not set up that wall (the daemon does)");
         }
     }
-    let require = jail.require.clone().unwrap_or_default();
+    let require = jail.require.clone().unwrap_or_default().0;
     for w in &require {
         if *w != Wall::Landlock {
             bail!("--require {w}: `run --jail` can require only landlock (the daemon sets up cgroups, apparmor, selinux; the other walls are always required)");
@@ -143,7 +148,7 @@ pub fn needs_front(jail: &JailArgs) -> bool {
     let skip_ns = jail
         .allow_unconfined
         .as_ref()
-        .is_some_and(|s| s.contains(&Wall::Namespaces));
+        .is_some_and(|s| s.0.contains(&Wall::Namespaces));
     jail.jail && !skip_ns && std::process::id() != 1
 }
 

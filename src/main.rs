@@ -96,16 +96,12 @@ struct DaemonArgs {
     uid_range: std::ops::RangeInclusive<u32>,
     /// Run every VM WITHOUT these walls (comma-separated: namespaces, filesystem, identity,
     /// seccomp, landlock, cgroups, apparmor, selinux); shown in `/v1/host`.
-    #[arg(long, value_name = "WALLS", value_parser = parse_walls)]
-    allow_unconfined: Option<Vec<jail::Wall>>,
+    #[arg(long, value_name = "WALLS", value_parser = jailed::parse_walls)]
+    allow_unconfined: Option<jailed::Walls>,
     /// Refuse to start a VM without these host-dependent walls (landlock, cgroups, apparmor,
     /// selinux); the others are always required unless --allow-unconfined.
-    #[arg(long, value_name = "WALLS", value_parser = parse_walls)]
-    require: Option<Vec<jail::Wall>>,
-}
-
-fn parse_walls(s: &str) -> Result<Vec<jail::Wall>, String> {
-    jail::Wall::parse_list(s).map_err(|e| e.to_string())
+    #[arg(long, value_name = "WALLS", value_parser = jailed::parse_walls)]
+    require: Option<jailed::Walls>,
 }
 
 fn parse_uid_range(s: &str) -> Result<std::ops::RangeInclusive<u32>, String> {
@@ -498,8 +494,8 @@ fn run_daemon(args: &DaemonArgs) -> anyhow::Result<u8> {
         cgroup_parent: args.cgroup_parent.clone(),
         jail: daemon::manager::JailPolicy {
             uid_range: args.uid_range.clone(),
-            skip: args.allow_unconfined.clone().unwrap_or_default(),
-            require: args.require.clone().unwrap_or_default(),
+            skip: args.allow_unconfined.clone().unwrap_or_default().0,
+            require: args.require.clone().unwrap_or_default().0,
         },
     };
     daemon::server::run(&opts).context("ferrovisor daemon")?;

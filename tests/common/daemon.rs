@@ -16,16 +16,25 @@ pub struct Daemon {
     pub sock: PathBuf,
     pub state: PathBuf,
     child: Option<Child>,
+    /// Extra `daemon` flags.
+    args: Vec<String>,
 }
 
 impl Daemon {
     /// Starts a daemon on `dir/api.sock` with state in `dir/state` and waits until it answers.
     pub fn start(dir: &Path) -> Daemon {
+        Daemon::start_with(dir, &[])
+    }
+
+    /// [`Daemon::start`] with extra `daemon` flags.
+    #[allow(dead_code)]
+    pub fn start_with(dir: &Path, args: &[&str]) -> Daemon {
         let mut d = Daemon {
             dir: dir.to_path_buf(),
             sock: dir.join("api.sock"),
             state: dir.join("state"),
             child: None,
+            args: args.iter().map(|a| a.to_string()).collect(),
         };
         d.spawn();
         d
@@ -42,6 +51,7 @@ impl Daemon {
             .arg(&self.sock)
             .arg("--state-dir")
             .arg(&self.state)
+            .args(&self.args)
             .env_remove("FERROVISOR_SOCKET")
             .env_remove("FERROVISOR_STATE_DIR")
             .stdin(Stdio::null())

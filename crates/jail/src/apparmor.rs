@@ -44,10 +44,6 @@ pub const PROFILE_PREFIX: &str = "ferrovisor-";
 /// `enter::pivot_into_run_dir`); the per-VM profile allows that mount only.
 pub const JAIL_TMPFS_SOURCE: &str = "ferrovisor-jail";
 
-/// The directory inside the new root where the jail's `pivot_root` puts the old root, which it
-/// then detaches and removes.
-pub const JAIL_OLD_ROOT: &str = ".old-root";
-
 /// The longest VM id accepted (a profile name is bounded only by memory, but ours need not be).
 pub const VM_ID_MAX: usize = 128;
 
@@ -346,25 +342,27 @@ impl VmProfile {
         }
         let _ = writeln!(
             t,
-            "  # Its run directory: config, sockets, logs, exit report. The jail assembles its \
-             new root\n  \
-             # (a tmpfs) over it and binds it inside at the same path, so these rules hold \
-             before and\n  \
-             # after the pivot.\n  \
+            "  # Its run directory: config, sockets, logs, exit report (the directory itself: \
+             w, as the\n  \
+             # VMM gives it to the VM's uid). The jail assembles its new root (a tmpfs) over \
+             it and binds\n  \
+             # it inside at the same path, so these rules hold before and after the pivot.\n  \
              \"{run}/\" rw,\n  \
              \"{run}/**\" rwk,\n\
              \n  \
-             # -- Its jail: private propagation, the tmpfs over the run directory, the run \
-             directory\n  \
-             # bound into it, pivot_root, the old root detached and removed, the new root \
-             read-only.\n  \
+             # -- Its jail (crates/jail/src/enter.rs, pivot_into_run_dir): private \
+             propagation; a tmpfs\n  \
+             # over the run directory; the run directory's detached copy (open_tree) moved \
+             into it at\n  \
+             # its own path (move_mount); pivot_root(\".\", \".\") there; the old root, \
+             stacked on the new\n  \
+             # one at /, detached; the new root read-only.\n  \
              mount options=(rprivate) -> /,\n  \
              mount fstype=tmpfs options in (rw, nosuid, nodev, noexec) {JAIL_TMPFS_SOURCE} -> \
              \"{run}/\",\n  \
-             mount options in (rw, bind, rbind) \"{run}/\" -> \"{run}/**/\",\n  \
-             pivot_root oldroot=\"{run}/{JAIL_OLD_ROOT}/\" \"{run}/\",\n  \
-             umount \"/{JAIL_OLD_ROOT}/\",\n  \
-             \"/{JAIL_OLD_ROOT}/\" w,\n  \
+             mount options=(move) -> \"{run}/**/\",\n  \
+             pivot_root oldroot=\"{run}/\" \"{run}/\",\n  \
+             umount /,\n  \
              / r,\n  \
              mount options in (ro, remount, bind, nosuid, nodev, noexec) -> /,\n\
              \n  \
@@ -560,9 +558,11 @@ mod tests {
             "  \"/var/lib/ferrovisor/vms/0123456789abcdef0123456789abcdef/**\" rwk,",
             "  mount fstype=tmpfs options in (rw, nosuid, nodev, noexec) ferrovisor-jail -> \
              \"/var/lib/ferrovisor/vms/0123456789abcdef0123456789abcdef/\",",
-            "  pivot_root oldroot=\"/var/lib/ferrovisor/vms/0123456789abcdef0123456789abcdef/\
-             .old-root/\" \"/var/lib/ferrovisor/vms/0123456789abcdef0123456789abcdef/\",",
-            "  umount \"/.old-root/\",",
+            "  mount options=(move) -> \
+             \"/var/lib/ferrovisor/vms/0123456789abcdef0123456789abcdef/**/\",",
+            "  pivot_root oldroot=\"/var/lib/ferrovisor/vms/0123456789abcdef0123456789abcdef/\" \
+             \"/var/lib/ferrovisor/vms/0123456789abcdef0123456789abcdef/\",",
+            "  umount /,",
             "  include <abstractions/base>",
             "  capability sys_admin,",
             "  /dev/kvm rw,",
@@ -583,8 +583,7 @@ mod tests {
                     || line.starts_with("\"/srv/")
                     || line.starts_with("\"/var/lib/ferrovisor/images/")
                     || line.starts_with(&format!("\"/var/lib/ferrovisor/vms/{SAMPLE_ID}/"))
-                    || line.starts_with("\"/memfd:")
-                    || line.starts_with("\"/.old-root/\""),
+                    || line.starts_with("\"/memfd:"),
                 "{line}"
             );
         }
