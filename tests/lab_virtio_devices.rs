@@ -2,7 +2,8 @@
 //! block (a pattern and an ext2 file written, fsync'ed and read back on the host; a read-only
 //! disk; several disks), net (ping and a TCP transfer to the host through a TAP), vsock (1 MiB
 //! echoed both ways through the hybrid Unix socket, with socat as the Firecracker-era tool on
-//! both ends), balloon (inflating shrinks the VMM's RSS) and virtio-console.
+//! both ends), balloon (inflating shrinks the VMM's RSS) and virtio-console — each with the
+//! VMM confined (`run --jail`: every wall up).
 
 mod common;
 
@@ -16,8 +17,28 @@ fn guest_file(dir: &std::path::Path, name: &str, text: &str) -> PathBuf {
     p
 }
 
+/// Every scenario runs its VMM confined, as the daemon runs them: every wall up (namespaces,
+/// pivot_root into /tmp, a uid of its own without capabilities, seccomp, Landlock), so the
+/// devices are proven to work behind them.
 fn run(name: &str, scenario: &str, adds: &[(PathBuf, &str)]) -> LabRun {
-    run_scenario(name, scenario, adds, Duration::from_secs(900))
+    let jailed = format!(
+        "export FV_RUN_FLAGS='--jail --jail-uid 900123 --jail-dir /tmp --require landlock'\n{scenario}"
+    );
+    let lab = run_scenario(name, &jailed, adds, Duration::from_secs(900));
+    let out = &lab.output.stdout;
+    for wall in [
+        "namespaces: up",
+        "filesystem: up",
+        "identity: up",
+        "landlock: up",
+        "seccomp: up",
+    ] {
+        assert!(
+            out.contains(wall),
+            "{name}: the VMM ran without {wall}:\n{out}"
+        );
+    }
+    lab
 }
 
 const BLOCK_GUEST: &str = r#"
@@ -203,7 +224,8 @@ timeout 120 socat -t 30 VSOCK-LISTEN:1234 EXEC:cat; echo "FV-VSOCK h2g-server rc
 const VSOCK_LAB: &str = r#"
 lab-guest-initrd /vsock-guest.sh /tmp/vsock-initrd.cpio.gz /usr/bin/socat
 yes ferrovisor-vsock-data | head -c 1048576 > /tmp/data
-socat -t 30 UNIX-LISTEN:/tmp/fv.vsock_5000,fork EXEC:cat &
+# mode 0666: the confined VMM connects as its own uid.
+socat -t 30 UNIX-LISTEN:/tmp/fv.vsock_5000,fork,mode=0666 EXEC:cat &
 echoer=$!
 fv vsock --kernel "$GUEST_VMLINUX" --initrd /tmp/vsock-initrd.cpio.gz --cpus 2 --memory 512M \
   --vsock cid=42,socket=/tmp/fv.vsock --cmdline "quiet fv.action=script" &

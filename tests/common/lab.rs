@@ -21,7 +21,8 @@ fv() {
     # SIGKILL on timeout: ferrovisor stops cleanly (status 0) on SIGTERM, which would hide a hang.
     # Output goes to a file first and to the console after: the lab's emulated UART console can
     # stall under heavy concurrent output, which must not stall the VMM being tested.
-    timeout -s KILL "${FV_TIMEOUT:-240}" ferrovisor run "$@" </dev/null >/tmp/fv-$name.out 2>&1
+    # FV_RUN_FLAGS: e.g. "--jail --jail-dir /tmp" to run the scenario's VMMs confined.
+    timeout -s KILL "${FV_TIMEOUT:-240}" ferrovisor run ${FV_RUN_FLAGS:-} "$@" </dev/null >/tmp/fv-$name.out 2>&1
     rc=$?
     cat /tmp/fv-$name.out
     t1=$(now_ms)

@@ -147,8 +147,14 @@ pub fn enter(plan: &Plan) -> Result<Report, JailError> {
         })?),
         None => None,
     };
-    if let (Some(d), true) = (&run_dir, on(Wall::Identity)) {
-        // The VMM makes its sockets and exit report there as its own uid.
+    // The VMM makes its sockets and exit report there as its own uid: the directory becomes
+    // the VM's, unless everyone may already create files in it (a sticky, world-writable
+    // directory such as /tmp, which is left as it is).
+    let shared = run_dir.as_ref().is_some_and(|d| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(d).is_ok_and(|m| m.permissions().mode() & 0o1002 == 0o1002)
+    });
+    if let (Some(d), true, false) = (&run_dir, on(Wall::Identity), shared) {
         let c = c_path(Wall::Identity, d)?;
         // SAFETY: chown on a NUL-terminated path we own.
         check(Wall::Identity, "chown of the run directory", unsafe {

@@ -215,34 +215,6 @@ fn probe_seccomp() -> Result<String, String> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn names_round_trip_and_unknown_names_are_refused() {
-        for w in Wall::ALL {
-            assert_eq!(w.name().parse::<Wall>(), Ok(w));
-        }
-        assert_eq!(
-            Wall::parse_list("landlock, apparmor,landlock,").unwrap(),
-            vec![Wall::Landlock, Wall::Apparmor]
-        );
-        let e = Wall::parse_list("seccomp,selinx").unwrap_err();
-        assert!(e.to_string().contains("\"selinx\""), "{e}");
-        assert!(e.to_string().contains("namespaces, filesystem"), "{e}");
-    }
-
-    #[test]
-    fn probe_reports_every_wall_but_cgroups() {
-        let p = probe();
-        assert_eq!(p.len(), 7);
-        assert!(p
-            .iter()
-            .all(|s| s.wall != Wall::Cgroups && !s.detail.is_empty()));
-    }
-}
-
 /// The uids (and gids) an account or group of this host already uses, from `/etc/passwd` and
 /// `/etc/group`: a VM's uid must be none of them.
 pub fn host_ids() -> std::collections::BTreeSet<u32> {
@@ -279,4 +251,32 @@ pub fn running_uids() -> std::collections::BTreeSet<u32> {
         }
     }
     ids
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_unknown_names_are_refused() {
+        for w in Wall::ALL {
+            assert_eq!(w.name().parse::<Wall>(), Ok(w));
+        }
+        assert_eq!(
+            Wall::parse_list("landlock, apparmor,landlock,").unwrap(),
+            vec![Wall::Landlock, Wall::Apparmor]
+        );
+        let e = Wall::parse_list("seccomp,selinx").unwrap_err();
+        assert!(e.to_string().contains("\"selinx\""), "{e}");
+        assert!(e.to_string().contains("namespaces, filesystem"), "{e}");
+    }
+
+    #[test]
+    fn probe_reports_every_wall_but_cgroups() {
+        let p = probe();
+        assert_eq!(p.len(), 7);
+        assert!(p
+            .iter()
+            .all(|s| s.wall != Wall::Cgroups && !s.detail.is_empty()));
+    }
 }
