@@ -20,6 +20,11 @@ have ip || need+=(iproute2)        # net tests
 have promtool || need+=(prometheus) # daemon tests: /metrics checked with `promtool check metrics`
 python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)  # schemathesis (scripts/api-fuzz.sh)
 have curl || need+=(curl)
+# The AppArmor profile and the SELinux module, checked with the distribution's own tools
+# (scripts/check-policies.sh).
+have apparmor_parser || [ -x /usr/sbin/apparmor_parser ] || [ -x /sbin/apparmor_parser ] || need+=(apparmor)
+have checkmodule || need+=(checkpolicy)
+have semodule_package || need+=(semodule-utils)
 [ -e /usr/share/qemu/bios-microvm.bin ] || need+=(qemu-system-data)
 [ -e /usr/share/seabios/bios-256k.bin ] || need+=(seabios)
 

@@ -24,6 +24,9 @@ cargo test --workspace --release "$@" -- --nocapture
 # The daemon's HTTP API under schemathesis, from its OpenAPI document (the release binary the
 # tests built; longer by hand: scripts/api-fuzz.sh --examples 1000 --seed random).
 if [ $# -eq 0 ]; then
+  # The AppArmor profiles (shipped and per-VM) and the SELinux module, through the
+  # distributions' own tools.
+  scripts/check-policies.sh
   (cd fuzz && cargo fmt -- --check)
   scripts/fuzz.sh "${FUZZ_SECS:-15}"
   FERROVISOR_BIN="${CARGO_TARGET_DIR:-target}/release/ferrovisor" scripts/api-fuzz.sh

@@ -353,13 +353,15 @@ fn build_jailed(args: &RunArgs, config: &VmConfig, started: Instant) -> anyhow::
         jail::seccomp::install_sigsys_handler().context("seccomp wall: SIGSYS handler")?;
     }
     let mut confine = || -> Result<(), vmm::vm::VmError> {
+        let t = Instant::now();
         let report = jail::enter(&plan)?;
+        let took = t.elapsed().as_secs_f64() * 1000.0;
         let seccomp = if seccomp {
             "seccomp: up (a filter per thread kind)"
         } else {
             "seccomp: off (--allow-unconfined)"
         };
-        eprintln!("ferrovisor: jail: {report}; {seccomp}");
+        eprintln!("ferrovisor: jail: {report}; {seccomp} (walls up in {took:.2} ms)");
         Ok(())
     };
     Ok(vmm::builder::build_for_boot(
@@ -450,6 +452,8 @@ fn host(kvm: &std::path::Path, json: bool) -> anyhow::Result<u8> {
         Ok(_) => (true, None),
         Err(e) => (false, Some(e.to_string())),
     };
+    // The walls a confined VMM gets here (cgroups: what the daemon finds; see `/v1/host`).
+    let walls = jail::probe();
     if json {
         let v = serde_json::json!({
             "kvm_path": kvm,
@@ -465,6 +469,11 @@ fn host(kvm: &std::path::Path, json: bool) -> anyhow::Result<u8> {
             "max_vcpus": limits.max_vcpus,
             "host_memory": limits.host_memory,
             "host_cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            "walls": walls.iter().map(|w| serde_json::json!({
+                "name": w.wall.name(),
+                "available": w.available,
+                "detail": w.detail,
+            })).collect::<Vec<_>>(),
         });
         println!("{v:#}");
     } else {
@@ -478,6 +487,15 @@ fn host(kvm: &std::path::Path, json: bool) -> anyhow::Result<u8> {
         println!("host memory:  {}", ByteSize(limits.host_memory));
         if !flavour.runs_stock_kernels() {
             println!("note:         {PVM_HINT}");
+        }
+        println!("confinement walls (ferrovisor run --jail, the daemon's VMMs):");
+        for w in &walls {
+            let state = if w.available {
+                "available"
+            } else {
+                "NOT available"
+            };
+            println!("  {:<11} {state}: {}", w.wall.name(), w.detail);
         }
     }
     Ok(if usable { 0 } else { 1 })

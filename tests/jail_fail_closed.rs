@@ -39,6 +39,8 @@ fn without_user_namespaces_a_vm_does_not_start_and_the_wall_is_named() {
     {
         let _restore = Restore(before.trim().to_string());
         if let Err(e) = std::fs::write(SYSCTL, "0") {
+            drop(d);
+            let _ = std::fs::remove_dir_all(&dir);
             eprintln!(
                 "SKIPPED without_user_namespaces_a_vm_does_not_start_and_the_wall_is_named: \
                  cannot set user.max_user_namespaces on this host ({e})"
@@ -70,4 +72,6 @@ fn without_user_namespaces_a_vm_does_not_start_and_the_wall_is_named() {
     // With the namespaces back, the same VM starts.
     let v = d.post_ok("/v1/vms/closed/start", "", 200);
     assert_eq!(v["state"], "running", "{v}");
+    drop(d);
+    let _ = std::fs::remove_dir_all(&dir);
 }

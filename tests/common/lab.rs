@@ -25,6 +25,8 @@ fv() {
     timeout -s KILL "${FV_TIMEOUT:-240}" ferrovisor run ${FV_RUN_FLAGS:-} "$@" </dev/null >/tmp/fv-$name.out 2>&1
     rc=$?
     cat /tmp/fv-$name.out
+    # A confined VMM killed by its seccomp filter: the kernel's audit record names the call.
+    [ $rc != 159 ] || dmesg | grep 'type=1326' | tail -n 3 | sed 's/^/FV-SECCOMP-KILL /'
     t1=$(now_ms)
     echo "=== END $name exit=$rc ms=$((t1 - t0))"
 }

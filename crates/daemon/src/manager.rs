@@ -166,6 +166,11 @@ struct Inner {
     restarts: (Mutex<RestartQueue>, Condvar),
     consoles: Mutex<HashMap<String, ConsoleHub>>,
     changed: Arc<tokio::sync::Notify>,
+    /// SELinux MCS category pairs held by running VMs (where the host has SELinux).
+    mcs: Mutex<(
+        jail::selinux::McsAllocator,
+        HashMap<String, jail::selinux::McsPair>,
+    )>,
 }
 
 /// Restarts due, earliest first: (when, VM id).
@@ -255,6 +260,7 @@ impl Manager {
             restarts: (Mutex::new(BinaryHeap::new()), Condvar::new()),
             consoles: Mutex::new(HashMap::new()),
             changed,
+            mcs: Mutex::new((jail::selinux::McsAllocator::new(), HashMap::new())),
         });
         let weak = Arc::downgrade(&inner);
         std::thread::Builder::new()
@@ -341,6 +347,20 @@ impl Manager {
         Ok(adopted)
     }
 
+    /// An adopted VMM keeps the MCS categories it runs with (SELinux hosts): none is handed
+    /// to another VM while it holds them.
+    fn hold_mcs(&self, id: &str, pid: u32) {
+        let Ok(ctx) = std::fs::read_to_string(format!("/proc/{pid}/attr/current")) else {
+            return;
+        };
+        if let Some(pair) = jail::selinux::parse_categories(ctx.trim_end_matches(['\0', '\n'])) {
+            let mut m = lock(&self.inner.mcs);
+            if m.0.hold(pair).is_ok() {
+                m.1.insert(id.to_string(), pair);
+            }
+        }
+    }
+
     /// [`Manager::recover`] for one VM; `Ok(true)` when its VMM was adopted.
     fn recover_one(&self, rec: VmRecord) -> Result<bool, OpError> {
         let mut adopted = false;
@@ -367,6 +387,7 @@ impl Manager {
                         Ok(()) => {
                             adopted = true;
                             self.inner.store.record_adopted(&id)?;
+                            self.hold_mcs(&id, pid);
                             if let Some(console) = &rt.console_socket {
                                 self.spawn_console(&id, console);
                             }
@@ -499,6 +520,10 @@ impl Manager {
                 ));
             }
         }
+        let exec_label = match self.apparmor_label(rec)? {
+            Some(l) => Some(l),
+            None => self.selinux_label(rec)?,
+        };
         let vmm_skip: Vec<Wall> = policy.skip.iter().copied().filter(|w| w.in_vmm()).collect();
         if Wall::ALL
             .iter()
@@ -531,8 +556,96 @@ impl Manager {
                 .copied()
                 .filter(|w| *w == Wall::Landlock)
                 .collect(),
-            exec_label: None,
+            exec_label,
         }))
+    }
+
+    /// Where the host has SELinux with our module (and the operator did not turn it off): a
+    /// fresh MCS category pair for VM `rec` (never one a running VM holds), its run directory
+    /// and read-write disks labelled with it, and the `ferrovisor_vm_t` context for the VMM's
+    /// exec. `None` where SELinux is off (an error when `--require selinux`).
+    fn selinux_label(&self, rec: &VmRecord) -> Result<Option<(PathBuf, Vec<u8>)>, String> {
+        use jail::selinux;
+        let policy = &self.inner.cfg.jail;
+        if policy.skip.contains(&jail::Wall::Selinux) {
+            return Ok(None);
+        }
+        if let Err(why) = selinux::enabled() {
+            return if policy.require.contains(&jail::Wall::Selinux) {
+                Err(format!(
+                    "the selinux wall is required (--require) but cannot go up: {why}"
+                ))
+            } else {
+                Ok(None)
+            };
+        }
+        let wall = |e: String| format!("the selinux wall cannot go up: {e}");
+        let pair = {
+            let mut m = lock(&self.inner.mcs);
+            if let Some(old) = m.1.remove(rec.id.as_str()) {
+                m.0.release(old);
+            }
+            let pair = m.0.allocate().map_err(|e| wall(e.to_string()))?;
+            m.1.insert(rec.id.to_string(), pair);
+            pair
+        };
+        let dir = self.vm_paths(rec.id.as_str()).dir;
+        selinux::set_file_context(&dir, &selinux::run_dir_context(pair))
+            .map_err(|e| wall(format!("labelling {}: {e}", dir.display())))?;
+        for d in rec.config.disks.iter().filter(|d| !d.readonly) {
+            selinux::set_file_context(&d.path, &selinux::image_context(pair))
+                .map_err(|e| wall(format!("labelling {}: {e}", d.path.display())))?;
+        }
+        Ok(Some((
+            selinux::attr_exec_path(),
+            selinux::exec_label_for_child(pair).into_bytes(),
+        )))
+    }
+
+    /// Where the host has AppArmor (and the operator did not turn it off): VM `rec`'s own
+    /// profile `ferrovisor-<id>`, allowing exactly its files, loaded now; the VMM enters it at
+    /// exec. `None` where AppArmor is off (an error when `--require apparmor`).
+    fn apparmor_label(&self, rec: &VmRecord) -> Result<Option<(PathBuf, Vec<u8>)>, String> {
+        use jail::apparmor;
+        let policy = &self.inner.cfg.jail;
+        if policy.skip.contains(&jail::Wall::Apparmor) {
+            return Ok(None);
+        }
+        if let Err(why) = apparmor::enabled() {
+            return if policy.require.contains(&jail::Wall::Apparmor) {
+                Err(format!(
+                    "the apparmor wall is required (--require) but cannot go up: {why}"
+                ))
+            } else {
+                Ok(None)
+            };
+        }
+        let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+        let c = &rec.config;
+        let mut files = apparmor::VmFiles {
+            binary: canon(&self.inner.cfg.binary),
+            run_dir: canon(&self.vm_paths(rec.id.as_str()).dir),
+            ..Default::default()
+        };
+        for p in [&c.kernel, &c.initrd, &c.firmware].into_iter().flatten() {
+            files.read_only.push(canon(p));
+        }
+        for d in &c.disks {
+            if d.readonly {
+                files.read_only.push(canon(&d.path));
+            } else {
+                files.read_write.push(canon(&d.path));
+            }
+        }
+        let wall = |e: String| format!("the apparmor wall cannot go up: {e}");
+        let profile =
+            apparmor::VmProfile::new(rec.id.as_str(), &files).map_err(|e| wall(e.to_string()))?;
+        apparmor::load(&profile.text).map_err(|e| wall(e.to_string()))?;
+        tracing::info!("VM {}: AppArmor profile {} loaded", rec.name, profile.name);
+        Ok(Some((
+            apparmor::attr_exec_path(),
+            apparmor::exec_label_for_child(&profile.name).into_bytes(),
+        )))
     }
 
     /// Starts VM `id` (the caller holds its lock). `by_user`: a user's start (sets the desired
@@ -881,6 +994,16 @@ impl Manager {
         }
         let gone = self.inner.store.delete(id, false)?;
         remove_cgroup(&self.inner, id);
+        // Its AppArmor profile goes with it (where one was loaded).
+        if jail::apparmor::enabled().is_ok() {
+            if let Err(e) = jail::apparmor::unload(&format!(
+                "{}{}",
+                jail::apparmor::PROFILE_PREFIX,
+                gone.id.as_str()
+            )) {
+                tracing::warn!("VM {}: unloading its AppArmor profile: {e}", gone.name);
+            }
+        }
         let dir = self.vm_paths(id).dir;
         if let Err(e) = std::fs::remove_dir_all(&dir) {
             if e.kind() != std::io::ErrorKind::NotFound {
@@ -980,6 +1103,12 @@ fn handle_exit(inner: &Arc<Inner>, notice: &ExitNotice, context: Option<&str>) {
     }
     lock(&inner.consoles).remove(&notice.vm_id);
     remove_cgroup(inner, &notice.vm_id);
+    {
+        let mut m = lock(&inner.mcs);
+        if let Some(pair) = m.1.remove(&notice.vm_id) {
+            m.0.release(pair);
+        }
+    }
     let rec =
         match inner
             .store

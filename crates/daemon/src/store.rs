@@ -54,6 +54,8 @@
 //!     restart_count    INTEGER NOT NULL DEFAULT 0,
 //!     last_exit_reason TEXT,
 //!     last_exit_code   INTEGER,
+//!     uid              INTEGER UNIQUE,        -- (v3) its confined VMM's uid and gid, from the
+//!                                             -- daemon's --uid-range, kept until deletion
 //!     next_restart_at  INTEGER                -- unix milliseconds, when a restart is due
 //! );
 //! CREATE TABLE events (
