@@ -71,7 +71,8 @@ for i in range(runs):
         args = [fv, "--log-level", "info", "run", "--firmware", fw, "--memory", "32M",
                 "--control", ctl]
         if arm == "jailed":
-            args += ["--jail", "--jail-dir", run]
+            # A uid given, as the daemon gives one (without, `run` looks for a free one in /proc).
+            args += ["--jail", "--jail-uid", "900077", "--jail-dir", run]
         err = open(os.path.join(run, "stderr"), "w+")
         t0 = time.monotonic()
         p = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)

@@ -2,13 +2,12 @@
 //! daemon starts it.
 //!
 //! The walls need the VMM to be the first process of a PID namespace of its own: the daemon
-//! starts it that way; in the foreground, this process starts itself again that way
-//! ([`front`]) and waits for it, passing on SIGINT, SIGTERM and SIGHUP and its exit status.
+//! starts it that way; in the foreground, this process forks itself into one ([`front`]) and
+//! waits for the child, passing on SIGINT, SIGTERM and SIGHUP and its exit status.
 
 use anyhow::{bail, Context};
-use jail::spawn::{self, Ended, Spawn};
+use jail::spawn::{self, Ended};
 use jail::Wall;
-use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 /// The jail's flags on `run`.
@@ -152,47 +151,26 @@ pub fn needs_front(jail: &JailArgs) -> bool {
     jail.jail && !skip_ns && std::process::id() != 1
 }
 
-/// Starts this program again with the same arguments as the first process of a new PID
-/// namespace, waits for it and returns its exit code (128 + the signal when one ended it).
-pub fn front() -> anyhow::Result<u8> {
-    let args: Vec<OsString> = std::env::args_os().skip(1).collect();
-    let rust_log = std::env::var_os("RUST_LOG");
-    let mut env = Vec::new();
-    if let Some(v) = &rust_log {
-        env.push((std::ffi::OsStr::new("RUST_LOG"), v.as_os_str()));
-    }
-    let exe = std::fs::read_link("/proc/self/exe").context("finding this program")?;
-    let pid = spawn::spawn(&Spawn {
-        program: &exe,
-        args: args.iter().map(OsString::as_os_str).collect(),
-        env,
-        stdio: [Some(0), Some(1), Some(2)],
-        new_session: false,
-        new_pid_namespace: true,
-        cgroup_procs: None,
-        exec_label: None,
-    })
-    .context("starting the confined VMM in a PID namespace of its own")?;
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGHUP,
-    ])
-    .context("installing signal handlers")?;
-    std::thread::spawn(move || {
-        for sig in signals.forever() {
-            let _ = spawn::signal(pid, sig);
-        }
-    });
-    match spawn::wait(pid).context("waiting for the confined VMM")? {
-        Ended::Exited(code) => Ok(code as u8),
+/// Forks this process into a new PID namespace (the child, pid 1 there, goes on to run the
+/// VMM: `Ok(None)`), or, in the parent, waits for that child, passing on SIGINT, SIGTERM and
+/// SIGHUP, and returns its exit code (128 + the signal when one ended it).
+pub fn front() -> anyhow::Result<Option<u8>> {
+    // Nothing but stdio goes into the jail.
+    spawn::close_inherited_fds().context("closing inherited descriptors")?;
+    let Some(pid) = spawn::fork_into_pid_namespace()
+        .context("starting the confined VMM in a PID namespace of its own")?
+    else {
+        return Ok(None);
+    };
+    match spawn::wait_forwarding_signals(pid).context("waiting for the confined VMM")? {
+        Ended::Exited(code) => Ok(Some(code as u8)),
         Ended::Signaled(sig) => {
             if sig == libc::SIGSYS {
                 eprintln!("ferrovisor: the confined VMM was killed by its seccomp filter (a forbidden system call; see the kernel log's audit record type=1326)");
             } else {
                 eprintln!("ferrovisor: the confined VMM was killed by signal {sig}");
             }
-            Ok((128 + sig) as u8)
+            Ok(Some((128 + sig) as u8))
         }
     }
 }

@@ -349,6 +349,7 @@ fn build_jailed(args: &RunArgs, config: &VmConfig, started: Instant) -> anyhow::
     vmm::control::accept_only_uid(jail::spawn::current_uid());
     let seccomp = !plan.skip.contains(&jail::Wall::Seccomp);
     if seccomp {
+        jail::single_malloc_arena();
         jail::seccomp::prepare().context("seccomp wall")?;
         jail::seccomp::install_sigsys_handler().context("seccomp wall: SIGSYS handler")?;
     }
@@ -361,7 +362,15 @@ fn build_jailed(args: &RunArgs, config: &VmConfig, started: Instant) -> anyhow::
         } else {
             "seccomp: off (--allow-unconfined)"
         };
-        eprintln!("ferrovisor: jail: {report}; {seccomp} (walls up in {took:.2} ms)");
+        let steps: Vec<String> = report
+            .steps
+            .iter()
+            .map(|(n, ms)| format!("{n} {ms:.2}"))
+            .collect();
+        eprintln!(
+            "ferrovisor: jail: {report}; {seccomp} (walls up in {took:.2} ms: {})",
+            steps.join(", ")
+        );
         Ok(())
     };
     Ok(vmm::builder::build_for_boot(
@@ -525,7 +534,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log_level, cli.log_format);
     let result = match &cli.command {
-        Command::Run(args) if jailed::needs_front(&args.jail) => jailed::front(),
+        Command::Run(args) if jailed::needs_front(&args.jail) => match jailed::front() {
+            Ok(Some(code)) => Ok(code),
+            // The child: pid 1 of its own PID namespace, it runs the VMM.
+            Ok(None) => run_and_report(args, started),
+            Err(e) => Err(e),
+        },
         Command::Run(args) => run_and_report(args, started),
         Command::Host { kvm, json } => host(kvm, *json),
         Command::Ctl { socket, request } => ctl(socket, request),

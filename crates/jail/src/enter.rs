@@ -32,6 +32,17 @@ pub struct Plan {
 pub struct Report {
     /// In [`Wall::ALL`] order.
     pub walls: Vec<(Wall, WallState)>,
+    /// How long each step took, in milliseconds, in order.
+    pub steps: Vec<(&'static str, f64)>,
+}
+
+impl Report {
+    fn step(&mut self, name: &'static str, since: &mut std::time::Instant) {
+        let now = std::time::Instant::now();
+        self.steps
+            .push((name, now.duration_since(*since).as_secs_f64() * 1000.0));
+        *since = now;
+    }
 }
 
 impl std::fmt::Display for Report {
@@ -117,6 +128,7 @@ pub(crate) fn landlock_abi() -> Result<i32, String> {
 pub fn enter(plan: &Plan) -> Result<Report, JailError> {
     let on = |w: Wall| !plan.skip.contains(&w);
     let mut report = Report::default();
+    let mut t = std::time::Instant::now();
     if plan.uid == 0 || plan.gid == 0 {
         return Err(JailError::new(
             Wall::Identity,
@@ -170,6 +182,7 @@ pub fn enter(plan: &Plan) -> Result<Report, JailError> {
 
     if on(Wall::Namespaces) {
         unshare_namespaces(plan.uid, plan.gid)?;
+        report.step("namespaces", &mut t);
         report.walls.push((
             Wall::Namespaces,
             WallState::Up("pid, user, mount, network, ipc, uts, cgroup".into()),
@@ -186,6 +199,7 @@ pub fn enter(plan: &Plan) -> Result<Report, JailError> {
             ));
         }
         pivot_into_run_dir(run_dir.as_deref(), plan.uid, plan.gid)?;
+        report.step("filesystem", &mut t);
         report.walls.push((
             Wall::Filesystem,
             WallState::Up(match &run_dir {
@@ -217,7 +231,9 @@ pub fn enter(plan: &Plan) -> Result<Report, JailError> {
     }
 
     if on(Wall::Landlock) {
-        match landlock(run_dir.as_deref()) {
+        let r = landlock(run_dir.as_deref());
+        report.step("landlock", &mut t);
+        match r {
             Ok(state) => report.walls.push((Wall::Landlock, state)),
             Err(reason) if plan.require.contains(&Wall::Landlock) => {
                 return Err(JailError::new(Wall::Landlock, reason))
@@ -232,6 +248,7 @@ pub fn enter(plan: &Plan) -> Result<Report, JailError> {
 
     if on(Wall::Identity) {
         drop_everything(cap_last, plan.max_files)?;
+        report.step("identity", &mut t);
         report.walls.push((
             Wall::Identity,
             WallState::Up(format!(
@@ -486,7 +503,7 @@ fn pivot_into_run_dir(run_dir: Option<&Path>, uid: u32, gid: u32) -> Result<(), 
 /// Landlock: every filesystem access handled and only the run directory granted (no
 /// execution), every TCP bind and connect refused, abstract Unix sockets and signals scoped to
 /// the VMM itself; as much of that as the kernel's ABI offers.
-fn landlock(run_dir: Option<&Path>) -> Result<WallState, String> {
+pub fn landlock(run_dir: Option<&Path>) -> Result<WallState, String> {
     let abi = landlock_abi()?;
     let target = ABI::V6;
     let all_fs = AccessFs::from_all(target);

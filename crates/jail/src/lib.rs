@@ -27,7 +27,7 @@ pub mod selinux;
 pub mod spawn;
 mod walls;
 
-pub use enter::{enter, Plan, Report};
+pub use enter::{enter, landlock, Plan, Report};
 pub use walls::{host_ids, probe, running_uids, Wall, WallError, WallState, WallStatus};
 
 /// A wall that could not go up: the VMM must not start.
@@ -83,3 +83,16 @@ pub const DEFAULT_UID_RANGE: std::ops::RangeInclusive<u32> = 900_000..=965_535;
 
 /// The most descriptors a confined VMM may hold (`RLIMIT_NOFILE`).
 pub const MAX_FILES: u64 = 4096;
+
+/// Makes every thread allocate from the C library's main heap (`M_ARENA_MAX` 1).
+///
+/// glibc gives threads heaps of their own and, when one shrinks, reads
+/// `/proc/sys/vm/overcommit_memory` — an `openat` from whatever thread freed memory, which a
+/// confined thread's seccomp filter forbids (seen killing the control thread in the lab). The
+/// main heap grows and shrinks with `brk` and `mmap` only. Call before any thread exists.
+pub fn single_malloc_arena() {
+    // SAFETY: mallopt changes an allocator parameter; no memory is passed.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}

@@ -361,6 +361,10 @@ fn rules_for(kind: ThreadKind, pid: u32) -> Result<Rules, String> {
                     SYS_shutdown,
                     SYS_getsockopt,
                     SYS_epoll_create1,
+                    // fv-virtio owns the devices and drops them as the VM ends: the vsock
+                    // device then removes its socket (in the run directory, Landlock's only).
+                    SYS_unlink,
+                    SYS_unlinkat,
                 ],
             );
             ioctl_types(&mut r, &[0x54])?;

@@ -358,3 +358,74 @@ pub fn close_inherited_fds() -> io::Result<()> {
     }
     Ok(())
 }
+
+/// The signals a foreground front passes on to its confined child, and SIGCHLD.
+fn front_signals() -> libc::sigset_t {
+    // SAFETY: sigemptyset/sigaddset initialise a set we own.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGCHLD] {
+            libc::sigaddset(&mut set, s);
+        }
+        set
+    }
+}
+
+/// Makes the caller's next child the first process of a new PID namespace and forks it:
+/// `Some(child pid)` in the caller, `None` in the child (pid 1 of that namespace), which goes
+/// on with the caller's state — no second exec. The caller must be single-threaded (the child
+/// gets only the calling thread), and after it cannot make threads (the kernel refuses them to
+/// a process whose children go to another PID namespace): it waits with
+/// [`wait_forwarding_signals`], which needs none.
+pub fn fork_into_pid_namespace() -> io::Result<Option<u32>> {
+    let set = front_signals();
+    // SAFETY: sigprocmask/unshare/fork on values and sets we own; the process is
+    // single-threaded (the documented precondition), so the child may run any code.
+    unsafe {
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        // Blocked from before the fork, so that none is lost before the parent waits.
+        libc::sigprocmask(libc::SIG_BLOCK, &set, &mut old);
+        if libc::unshare(libc::CLONE_NEWPID) != 0 {
+            let e = io::Error::last_os_error();
+            libc::sigprocmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+            return Err(io::Error::new(
+                e.kind(),
+                format!("unshare(CLONE_NEWPID): {e}"),
+            ));
+        }
+        match libc::fork() {
+            -1 => {
+                let e = io::Error::last_os_error();
+                libc::sigprocmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+                Err(io::Error::new(e.kind(), format!("fork: {e}")))
+            }
+            0 => {
+                libc::sigprocmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+                Ok(None)
+            }
+            pid => Ok(Some(pid as u32)),
+        }
+    }
+}
+
+/// In the parent of [`fork_into_pid_namespace`]: passes SIGINT, SIGTERM and SIGHUP on to
+/// child `pid` until it ends, and says how.
+pub fn wait_forwarding_signals(pid: u32) -> io::Result<Ended> {
+    let set = front_signals();
+    loop {
+        if let Some(raw) = try_wait_raw(pid)? {
+            if libc::WIFEXITED(raw) {
+                return Ok(Ended::Exited(libc::WEXITSTATUS(raw)));
+            }
+            if libc::WIFSIGNALED(raw) {
+                return Ok(Ended::Signaled(libc::WTERMSIG(raw)));
+            }
+        }
+        // SAFETY: sigwaitinfo on a set of signals this thread blocks; a null info pointer.
+        let sig = unsafe { libc::sigwaitinfo(&set, std::ptr::null_mut()) };
+        if sig > 0 && sig != libc::SIGCHLD {
+            let _ = signal(pid, sig);
+        }
+    }
+}
