@@ -36,13 +36,19 @@ for v in a b; do
     > "/tmp/create-$v.out" 2>&1
   echo "HOST-AA create v$v rc=$?"
 done
-for v in a b; do wait_for 1500 "[ \"\$(ready v$v)\" = 1 ]"; done
+for v in a b; do wait_for 900 "[ \"\$(ready v$v)\" = 1 ]"; done
 pa=$(pid_of va); ida=$(id_of va)
 echo "HOST-AA ready va=$(ready va) vb=$(ready vb)"
+ferrovisor vm list
+if [ "$(ready va)" != 1 ] || [ "$(ready vb)" != 1 ]; then
+  for v in va vb; do ferrovisor vm info $v --json | tr '\n' ' '; echo; tail -n 20 "/var/lib/ferrovisor/vms/$(id_of $v)/console.log"; tail -n 20 "/var/lib/ferrovisor/vms/$(id_of $v)/vmm.log"; done
+  dmesg | grep -E 'apparmor|type=1326' | tail -n 20
+fi
 echo "HOST-AA va-label=$(tr ' ' _ < /proc/$pa/attr/current) expected=ferrovisor-$ida"
 echo "HOST-AA loaded=$(grep -c '^ferrovisor-' /sys/kernel/security/apparmor/profiles)"
 grep -h "disk-write" /var/lib/ferrovisor/vms/*/console.log | sed 's/^/HOST-AA guest: /'
 # A VMM in va's profile asked to use vb's disk.
+dmesg | grep 'apparmor="DENIED"' | head -n 10 | sed 's/^/HOST-AA denied-before: /'
 dmesg -C 2>/dev/null
 sh -c "echo exec ferrovisor-$ida > /proc/self/attr/apparmor/exec 2>/dev/null || echo exec ferrovisor-$ida > /proc/self/attr/exec; exec ferrovisor run --kernel $GUEST_VMLINUX --memory 64M --disk /tmp/b.img" > /tmp/cross.out 2>&1
 rc=$?
@@ -57,6 +63,10 @@ cat /tmp/daemon.log
 "#;
 
 #[test]
+#[ignore = "not yet passing: in both lab runs so far the lab kernel soft-locked on both CPUs \
+            (`ferrovisor` and the scenario's shell) as the two VMMs started under their \
+            AppArmor profiles, or the guests never booted; run by hand with \
+            `cargo test --release --test lab_apparmor -- --ignored` (issue 11 stays open)"]
 fn a_vmm_in_one_vms_apparmor_profile_is_refused_another_vms_disk() {
     if !lab_available("a_vmm_in_one_vms_apparmor_profile_is_refused_another_vms_disk") {
         return;
