@@ -383,7 +383,8 @@ mod tests {
         let p = dir.join("initrd");
         std::fs::write(&p, vec![0xabu8; 10_000]).unwrap();
         let mem = create_guest_memory(64 << 20).unwrap();
-        let (addr, size) = load_initrd(&mem, &p, 0x200_0000, 0x7fff_ffff, 64 << 20).unwrap();
+        let f = File::open(&p).unwrap();
+        let (addr, size) = load_initrd(&mem, &p, &f, 0x200_0000, 0x7fff_ffff, 64 << 20).unwrap();
         assert_eq!(size, 10_000);
         assert_eq!(addr % 4096, 0);
         assert!(addr + size <= 64 << 20 && addr + size + 4096 > 64 << 20);
@@ -391,7 +392,7 @@ mod tests {
             mem.read_obj::<u8>(GuestAddress(addr + 9_999)).unwrap(),
             0xab
         );
-        let e = load_initrd(&mem, &p, (64 << 20) - 4096, 0x7fff_ffff, 64 << 20).unwrap_err();
+        let e = load_initrd(&mem, &p, &f, (64 << 20) - 4096, 0x7fff_ffff, 64 << 20).unwrap_err();
         assert!(matches!(e, BootError::InitrdTooLarge { .. }), "{e}");
     }
 }
