@@ -353,7 +353,19 @@ fn build_jailed(args: &RunArgs, config: &VmConfig, started: Instant) -> anyhow::
         jail::seccomp::prepare().context("seccomp wall")?;
         jail::seccomp::install_sigsys_handler().context("seccomp wall: SIGSYS handler")?;
     }
+    let owned: Vec<std::path::PathBuf> = paths.iter().map(|(_, p)| p.to_path_buf()).collect();
+    let (uid, gid) = (plan.uid, plan.gid);
     let mut confine = || -> Result<(), vmm::vm::VmError> {
+        // Sockets bound before the walls are root's: they become the VM's, so that it can
+        // remove them at exit even from a sticky directory such as /tmp.
+        for p in owned.iter().filter(|p| p.exists()) {
+            std::os::unix::fs::chown(p, Some(uid), Some(gid)).map_err(|source| {
+                vmm::vm::VmError::Io {
+                    what: "giving the VMM's sockets to the VM's uid",
+                    source,
+                }
+            })?;
+        }
         let t = Instant::now();
         let report = jail::enter(&plan)?;
         let took = t.elapsed().as_secs_f64() * 1000.0;
