@@ -250,6 +250,18 @@ fn threads(r: &mut Rules) -> Result<(), String> {
     Ok(())
 }
 
+/// Serving connected Unix sockets (consoles, vsock, the control socket): accept, send,
+/// receive, shut down, read an option (`SO_PEERCRED`, `SO_ERROR`).
+const SOCKET_SERVING: &[libc::c_long] = &[
+    libc::SYS_accept4,
+    libc::SYS_recvfrom,
+    libc::SYS_sendto,
+    libc::SYS_recvmsg,
+    libc::SYS_sendmsg,
+    libc::SYS_shutdown,
+    libc::SYS_getsockopt,
+];
+
 /// Host I/O of device workers: disk images, TAPs, vsock's Unix sockets, the balloon.
 fn device_io(r: &mut Rules) -> Result<(), String> {
     use libc::*;
@@ -264,14 +276,7 @@ fn device_io(r: &mut Rules) -> Result<(), String> {
             SYS_fdatasync,
             SYS_fallocate,
             SYS_io_uring_enter,
-            SYS_recvfrom,
-            SYS_sendto,
-            SYS_recvmsg,
-            SYS_sendmsg,
-            SYS_accept4,
             SYS_connect,
-            SYS_shutdown,
-            SYS_getsockopt,
             SYS_setsockopt,
             SYS_epoll_create1,
             SYS_timerfd_create,
@@ -282,6 +287,7 @@ fn device_io(r: &mut Rules) -> Result<(), String> {
         vec![rule(vec![cond(0, Len::Dword, Op::Eq, AF_UNIX as u64)?])?],
     );
     // FIONREAD/FIONBIO and TUN requests (type 'T'), block-device discard (0x12).
+    allow(r, SOCKET_SERVING);
     ioctl_types(r, &[0x54, 0x12])
 }
 
@@ -350,16 +356,10 @@ fn rules_for(kind: ThreadKind, pid: u32) -> Result<Rules, String> {
         }
         ThreadKind::EventLoop => {
             // Serial input from a terminal or a socket console, signal-hook's self-pipe.
+            allow(&mut r, SOCKET_SERVING);
             allow(
                 &mut r,
                 &[
-                    SYS_accept4,
-                    SYS_recvfrom,
-                    SYS_sendto,
-                    SYS_recvmsg,
-                    SYS_sendmsg,
-                    SYS_shutdown,
-                    SYS_getsockopt,
                     SYS_epoll_create1,
                     // fv-virtio owns the devices and drops them as the VM ends: the vsock
                     // device then removes its socket (in the run directory, Landlock's only).
@@ -371,19 +371,8 @@ fn rules_for(kind: ThreadKind, pid: u32) -> Result<Rules, String> {
         }
         ThreadKind::Control => {
             threads(&mut r)?;
-            allow(
-                &mut r,
-                &[
-                    SYS_accept4,
-                    SYS_recvfrom,
-                    SYS_sendto,
-                    SYS_recvmsg,
-                    SYS_sendmsg,
-                    SYS_shutdown,
-                    SYS_getsockopt,
-                    SYS_setsockopt,
-                ],
-            );
+            allow(&mut r, SOCKET_SERVING);
+            allow(&mut r, &[SYS_setsockopt]);
             ioctl_types(&mut r, &[0xAE])?;
         }
         ThreadKind::Loader => {}
