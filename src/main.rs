@@ -473,8 +473,22 @@ fn host(kvm: &std::path::Path, json: bool) -> anyhow::Result<u8> {
         Ok(_) => (true, None),
         Err(e) => (false, Some(e.to_string())),
     };
-    // The walls a confined VMM gets here (cgroups: what the daemon finds; see `/v1/host`).
-    let walls = jail::probe();
+    // The walls a confined VMM gets here; cgroups as a daemon would find them (read only: the
+    // daemon's own `/v1/host` says what it set up).
+    let mut walls = jail::probe();
+    let cgroups = jail::cgroup::probe().map_err(|e| e.to_string());
+    let at = walls
+        .iter()
+        .position(|w| w.wall == jail::Wall::Landlock)
+        .map_or(walls.len(), |i| i + 1);
+    walls.insert(
+        at,
+        jail::WallStatus {
+            wall: jail::Wall::Cgroups,
+            available: cgroups.is_ok(),
+            detail: cgroups.unwrap_or_else(|e| e),
+        },
+    );
     if json {
         let v = serde_json::json!({
             "kvm_path": kvm,

@@ -272,4 +272,24 @@ fn host_reports_the_kvm_flavour() {
         assert!(["hardware", "unknown"].contains(&flavour), "{flavour}");
     }
     assert!(v["max_vcpus"].as_u64().unwrap() >= 1);
+    // Every wall, by its name, in the order of the docs and /v1/host.
+    let names: Vec<&str> = v["walls"]
+        .as_array()
+        .expect("walls")
+        .iter()
+        .filter_map(|w| w["name"].as_str())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "namespaces",
+            "filesystem",
+            "identity",
+            "seccomp",
+            "landlock",
+            "cgroups",
+            "apparmor",
+            "selinux"
+        ]
+    );
 }

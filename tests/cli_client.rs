@@ -301,6 +301,28 @@ fn create_sends_the_config_policy_and_limits() {
 }
 
 #[test]
+fn a_create_whose_start_failed_exits_non_zero_with_the_reason() {
+    let mut crashed = vm("w", "crashed");
+    crashed["last_exit_reason"] =
+        json!("the namespaces wall cannot go up: user namespaces are disabled");
+    let fake = Fake::start("create-failed-start", vec![reply(201, crashed)]);
+    let out = fake.run(&["vm", "create", "w", "--kernel", "/k", "--start"]);
+    assert_eq!(out.code(), 1, "{out:?}");
+    assert!(
+        out.stdout.contains("\nw  "),
+        "the VM is still shown: {}",
+        out.stdout
+    );
+    assert!(
+        out.stderr
+            .contains("VM w was created but did not start: the namespaces wall cannot go up"),
+        "{}",
+        out.stderr
+    );
+    let _ = fake.next();
+}
+
+#[test]
 fn create_from_a_config_file_with_defaults() {
     let dir = scratch("cli-config-file");
     let cfg = dir.join("vm.json");

@@ -294,3 +294,31 @@ fn bad_jail_options_are_refused_naming_the_value() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `--allow-unconfined` is the operator's choice on the record: an `unconfined` event (no VM)
+/// naming the walls, each time a daemon starts with it, and the wall marked in /v1/host.
+#[test]
+fn allow_unconfined_is_recorded_in_the_event_log() {
+    let dir = scratch("jail-unconfined-event");
+    let d = Daemon::start_with(&dir, &["--allow-unconfined", "landlock"]);
+    let events = d.get("/v1/events?limit=1000").json();
+    let unconfined: Vec<&Value> = events
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter(|e| e["kind"] == "unconfined")
+        .collect();
+    assert_eq!(unconfined.len(), 1, "{events}");
+    assert!(unconfined[0]["vm_id"].is_null(), "{events}");
+    assert_eq!(unconfined[0]["detail"]["walls"], json!(["landlock"]));
+    let host = d.get("/v1/host").json();
+    let landlock = host["walls"]
+        .as_array()
+        .expect("walls")
+        .iter()
+        .find(|w| w["name"] == "landlock")
+        .cloned()
+        .expect("landlock wall");
+    assert_eq!(landlock["unconfined_by_operator"], true, "{landlock}");
+    assert_eq!(landlock["enabled"], false, "{landlock}");
+}

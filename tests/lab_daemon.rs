@@ -85,6 +85,21 @@ ferrovisor vm list
 t=$(now_ms)
 timeout 200 ferrovisor vm stop vm1 --timeout 120 > /tmp/stop1.out 2>&1
 echo "HOST-DAEMON stop vm1 rc=$? ms=$(( $(now_ms) - t )) state=$(state_of vm1) reason=$(reason_of vm1)"
+
+# Fail closed: with user namespaces disabled host-wide, no VMM starts (daemon or foreground)
+# and the error names the wall; the sysctl is put back at once.
+userns=$(cat /proc/sys/user/max_user_namespaces)
+echo 0 > /proc/sys/user/max_user_namespaces
+ferrovisor vm create vm4 --kernel "$GUEST_VMLINUX" --initrd /tmp/dg.cpio.gz --cpus 1 \
+  --memory 128M --start > /tmp/create4.out 2>&1
+rc4=$?
+ferrovisor host > /tmp/host4.out 2>&1
+timeout 60 ferrovisor run --jail --kernel "$GUEST_VMLINUX" --memory 128M < /dev/null > /tmp/fg4.out 2>&1
+rcfg=$?
+echo "$userns" > /proc/sys/user/max_user_namespaces
+echo "HOST-DAEMON closed rc=$rc4 state=$(state_of vm4) named=$(grep -c 'namespaces wall' /tmp/create4.out) fg-rc=$rcfg fg-named=$(grep -c namespaces /tmp/fg4.out) host=$(grep '^ *namespaces' /tmp/host4.out | grep -c max_user_namespaces) restored=$(cat /proc/sys/user/max_user_namespaces)"
+sed 's/^/HOST-DAEMON closed-out: /' /tmp/create4.out /tmp/fg4.out | head -n 6
+ferrovisor vm delete vm4 --force > /dev/null 2>&1
 for n in 2 3; do ferrovisor vm delete "vm$n" --force > /dev/null 2>&1; done
 ferrovisor vm delete vm1 > /dev/null 2>&1
 echo "HOST-DAEMON left vms=$(ferrovisor vm list --json | grep -o '"id"' | wc -l) vmms=$(pidof ferrovisor | wc -w)"
@@ -180,6 +195,21 @@ fn three_stock_vms_under_the_daemon_survive_a_vmm_kill_and_a_daemon_restart() {
     );
     assert_eq!(f("HOST-DAEMON console-after-readopt", "vm3"), "ok", "{out}");
 
+    // Fail closed: no user namespaces, no VMM, and the wall is named (daemon, `ferrovisor
+    // host`, foreground `run --jail`); the sysctl is back as it was.
+    let c = "HOST-DAEMON closed ";
+    assert_ne!(f(c, "rc"), "0", "{out}");
+    assert_ne!(f(c, "state"), "running", "{out}");
+    assert_eq!(
+        f(c, "named"),
+        "1",
+        "the error names the namespaces wall: {out}"
+    );
+    assert_ne!(f(c, "fg-rc"), "0", "{out}");
+    assert_ne!(f(c, "fg-named"), "0", "{out}");
+    assert_eq!(f(c, "host"), "1", "`ferrovisor host` says why: {out}");
+    assert_ne!(f(c, "restored"), "0", "{out}");
+
     // Graceful stop through the power button.
     let s = "HOST-DAEMON stop vm1";
     assert_eq!(f(s, "rc"), "0", "{out}");
@@ -188,7 +218,7 @@ fn three_stock_vms_under_the_daemon_survive_a_vmm_kill_and_a_daemon_restart() {
     assert_eq!(f("HOST-DAEMON left", "vms"), "0", "{out}");
     assert_eq!(f("HOST-DAEMON left", "vmms"), "1", "only the daemon: {out}");
     eprintln!(
-        "VERDICT lab daemon: PASS (3 stock VMs via `ferrovisor vm`, all ready {ready_ms} ms after the first create, consoles echo; kill -9 of vm2's VMM -> crashed -> restarted by on-failure; daemon SIGTERM + restart: both other VMMs kept and re-adopted; vm3 cgroup cpu.weight=50 memory.max=512M pids.max=64; graceful stop via ACPI power button in {} ms)",
+        "VERDICT lab daemon: PASS (3 stock VMs via `ferrovisor vm`, all ready {ready_ms} ms after the first create, consoles echo; kill -9 of vm2's VMM -> crashed -> restarted by on-failure; daemon SIGTERM + restart: both other VMMs kept and re-adopted; vm3 cgroup cpu.weight=50 memory.max=512M pids.max=64; graceful stop via ACPI power button in {} ms; with user.max_user_namespaces=0 no VMM started, the namespaces wall named)",
         f(s, "ms")
     );
 }

@@ -79,11 +79,27 @@ fn create(client: &Client, args: &CreateArgs, json: bool) -> anyhow::Result<u8> 
         },
     };
     let v = client.json("POST", "/v1/vms", Some(&serde_json::to_value(&req)?))?;
+    // The definition is created either way (201); a start that failed leaves it `crashed`
+    // with the reason, which is this command's failure.
+    let failed_start = args.start
+        && v.get("state").and_then(Value::as_str) == Some(api::VmState::Crashed.as_str());
     if json {
-        return print_json(&v);
+        print_json(&v)?;
+    } else {
+        let vm: VmInfo = decode(v.clone())?;
+        emit(&vm_table(std::slice::from_ref(&vm)))?;
     }
-    let vm: VmInfo = decode(v)?;
-    emit(&vm_table(std::slice::from_ref(&vm)))?;
+    if failed_start {
+        let reason = v
+            .get("last_exit_reason")
+            .and_then(Value::as_str)
+            .unwrap_or("no reason recorded");
+        eprintln!(
+            "ferrovisor: VM {} was created but did not start: {reason}",
+            args.name
+        );
+        return Ok(1);
+    }
     Ok(0)
 }
 

@@ -89,6 +89,9 @@ pub enum EventKind {
     Deleted,
     /// A restarted daemon re-adopted its running VMM.
     Adopted,
+    /// The daemon was started with `--allow-unconfined`: its VMMs run without the walls the
+    /// event's `detail.walls` lists (no `vm_id`).
+    Unconfined,
 }
 
 /// `ALL`, `as_str`, `Display` and `FromStr` of a state enum, from its spellings: the same words
@@ -161,6 +164,7 @@ spelled!(EventKind {
     Restarted = "restarted",
     Deleted = "deleted",
     Adopted = "adopted",
+    Unconfined = "unconfined",
 });
 
 /// A word that is none of a state enum's spellings (the error of its `FromStr`).

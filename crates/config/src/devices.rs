@@ -327,7 +327,11 @@ pub(super) fn check_disk(index: usize, d: &DiskConfig) -> Result<(), ConfigError
         .map_err(|e| {
             let mut r = io_reason(&e);
             if e.kind() == std::io::ErrorKind::PermissionDenied && !d.readonly {
-                r.push_str(" (not writable; add readonly=on to use it read-only)");
+                r.push_str(
+                    " (not writable by this user, or refused by a security module such as \
+                     AppArmor or SELinux: see the kernel's audit log; add readonly=on to use it \
+                     read-only)",
+                );
             }
             err(r)
         })?;

@@ -502,7 +502,8 @@ impl Manager {
             }
             if let Some(s) = status(w).filter(|s| !s.available) {
                 return Err(format!(
-                    "the {w} wall cannot go up: {} (`ferrovisor daemon --allow-unconfined {w}`                      runs VMs without it)",
+                    "the {w} wall cannot go up: {} (`ferrovisor daemon --allow-unconfined {w}` \
+                     runs VMs without it)",
                     s.detail
                 ));
             }

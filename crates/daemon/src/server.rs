@@ -116,6 +116,15 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
         None => std::env::current_exe()?,
     };
     let store = Arc::new(Store::open(&opts.state_dir)?);
+    if !opts.jail.skip.is_empty() {
+        // The operator's choice goes on the record, each time a daemon starts with it.
+        let walls: Vec<&str> = opts.jail.skip.iter().map(|w| w.name()).collect();
+        store.append_event(
+            None,
+            api::EventKind::Unconfined,
+            &serde_json::json!({ "walls": walls, "option": "--allow-unconfined" }),
+        )?;
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("fv-api")

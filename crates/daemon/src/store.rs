@@ -105,7 +105,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// The schema version this build writes and understands.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// `PRAGMA application_id` of a Ferrovisor state database ("FVST").
 const APPLICATION_ID: i32 = 0x4656_5354;
@@ -119,7 +119,33 @@ pub type UnixMillis = i64;
 /// An event's id: strictly increasing over the life of the store.
 pub type EventId = i64;
 
-const MIGRATIONS: &[(i64, &str)] = &[(1, SCHEMA_V1), (2, SCHEMA_V2), (3, SCHEMA_V3)];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, SCHEMA_V1),
+    (2, SCHEMA_V2),
+    (3, SCHEMA_V3),
+    (4, SCHEMA_V4),
+];
+
+/// v4: the event kind `unconfined` (the daemon runs VMMs without some walls). SQLite cannot
+/// change a `CHECK`, so the table is rebuilt: same rows, same ids, and its AUTOINCREMENT
+/// counter carried over (ids are never reused, even those of events no longer kept).
+const SCHEMA_V4: &str = "
+CREATE TABLE events_v4 (
+    id     INTEGER PRIMARY KEY AUTOINCREMENT,
+    at     INTEGER NOT NULL,
+    vm_id  TEXT,
+    kind   TEXT NOT NULL CHECK (kind IN ('created', 'started', 'paused', 'resumed', 'stopped',
+                                         'crashed', 'exited', 'restarted', 'deleted',
+                                         'adopted', 'unconfined')),
+    detail TEXT NOT NULL CHECK (json_valid(detail))
+);
+INSERT INTO events_v4 (id, at, vm_id, kind, detail) SELECT id, at, vm_id, kind, detail FROM events;
+DELETE FROM sqlite_sequence WHERE name = 'events_v4';
+INSERT INTO sqlite_sequence (name, seq) SELECT 'events_v4', seq FROM sqlite_sequence WHERE name = 'events';
+DROP TABLE events;
+ALTER TABLE events_v4 RENAME TO events;
+CREATE INDEX events_by_vm ON events (vm_id, id);
+";
 
 /// v3: the uid (and gid) a VM's confined VMM runs as, allocated at its first start from the
 /// daemon's `--uid-range` and kept until the VM is deleted; unique among VMs.
@@ -1182,9 +1208,72 @@ mod tests {
             .chain(EventKind::ALL.iter().map(|v| v.as_str()))
             .collect();
         for s in all {
-            assert!(SCHEMA_V1.contains(&format!("'{s}'")), "{s} missing");
+            assert!(
+                SCHEMA_V1.contains(&format!("'{s}'")) || SCHEMA_V4.contains(&format!("'{s}'")),
+                "{s} missing"
+            );
+        }
+        for s in EventKind::ALL {
+            assert!(SCHEMA_V4.contains(&format!("'{s}'")), "{s} missing");
         }
         assert!(SCHEMA_V1.contains(&format!("application_id = {APPLICATION_ID}")));
+    }
+
+    /// A v3 database (as the previous release left it) keeps its VMs and events across the v4
+    /// rebuild of `events`, with their ids; the id counter is carried over, so an id once given
+    /// is never given again; the new kind is accepted.
+    #[test]
+    fn v3_events_survive_the_v4_rebuild() {
+        let dir = std::env::temp_dir().join(format!("fv-store-v4-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        {
+            let mut conn = Connection::open(dir.join("state.db")).unwrap();
+            let tx = conn.transaction().unwrap();
+            for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v <= 3) {
+                tx.execute_batch(sql).unwrap();
+                tx.execute(
+                    "INSERT INTO schema_migrations (version, applied_at) VALUES (?1, 0)",
+                    [version],
+                )
+                .unwrap();
+            }
+            for i in 0..5 {
+                tx.execute(
+                    "INSERT INTO events (at, vm_id, kind, detail) VALUES (?1, NULL, 'created', '{}')",
+                    [i],
+                )
+                .unwrap();
+            }
+            // The two newest are gone: the counter, not MAX(id), must decide the next id.
+            tx.execute("DELETE FROM events WHERE id > 3", []).unwrap();
+            let bad = tx.execute(
+                "INSERT INTO events (at, vm_id, kind, detail) VALUES (0, NULL, 'unconfined', '{}')",
+                [],
+            );
+            assert!(bad.is_err(), "v3 must not know the new kind");
+            tx.commit().unwrap();
+        }
+        let store = Store::open(&dir).unwrap();
+        let kept = store.events_since(0, 100).unwrap();
+        assert_eq!(kept.iter().map(|e| e.id).collect::<Vec<_>>(), [1, 2, 3]);
+        assert_eq!(kept[2].at, 2);
+        let id = store
+            .append_event(None, EventKind::Unconfined, &json!({"walls": ["seccomp"]}))
+            .unwrap();
+        assert_eq!(id, 6, "ids 4 and 5 were given once already");
+        let conn = lock(&store.conn);
+        let index: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'index' AND name = 'events_by_vm'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(index, 1);
+        drop(conn);
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

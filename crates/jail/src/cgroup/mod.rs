@@ -1014,6 +1014,35 @@ fn join_rel(base: &Path, rel: &Path) -> PathBuf {
     p
 }
 
+/// What a daemon's [`CgroupRoot::detect`] would find, without creating or moving anything (for
+/// `ferrovisor host`): the cgroup2 mount and the controllers its root offers; `Err` when there
+/// is no cgroup2 mount or it offers none of the three.
+pub fn probe() -> Result<String, Unavailable> {
+    let mountinfo_path = Path::new("/proc/self/mountinfo");
+    let mountinfo = fs::read_to_string(mountinfo_path)
+        .map_err(|e| Unavailable::io(mountinfo_path, "read", &e))?;
+    let mounts = parse_mountinfo(&mountinfo);
+    let mount = mounts.first().ok_or(Unavailable::NoCgroup2)?;
+    let offered = read_controllers(&mount.mount_point)?;
+    if offered.is_empty() {
+        return Err(Unavailable::MissingControllers {
+            mount: mount.mount_point.clone(),
+            missing: Controllers::ALL,
+        });
+    }
+    let names: Vec<String> = offered.iter().map(|c| c.to_string()).collect();
+    let mut detail = format!(
+        "a cgroup per VM under {} ({})",
+        mount.mount_point.display(),
+        names.join(", ")
+    );
+    let missing = Controllers::ALL.without(offered);
+    if !missing.is_empty() {
+        detail.push_str(&format!("; no {missing} controller"));
+    }
+    Ok(detail)
+}
+
 fn create_dir(dir: &Path) -> Result<(), Unavailable> {
     fs::create_dir_all(dir).map_err(|e| Unavailable::io(dir, "create", &e))
 }
