@@ -1,21 +1,25 @@
 #!/usr/bin/env bash
-# Builds Firecracker from source for the side-by-side benchmarks (bench/boot.sh);
-# nothing of it is committed. The binary goes to the cache, where boot.sh finds it.
+# Builds Firecracker and its jailer from source for the side-by-side benchmarks
+# (bench/boot.sh, bench/startup.sh, bench/jail.sh); nothing of it is committed. The binaries go
+# to the cache, where the benchmarks find them.
 #
-#   bench/firecracker.sh FIRECRACKER_GIT MICRO_HTTP_GIT [OUT_DIR]
+#   bench/firecracker.sh [--jailer-only] FIRECRACKER_GIT MICRO_HTTP_GIT [OUT_DIR]
 #
+#   --jailer-only    build only the jailer (Firecracker itself is already in OUT_DIR)
 #   FIRECRACKER_GIT  a clone (bare or not) of github.com/firecracker-microvm/firecracker
 #   MICRO_HTTP_GIT   a clone of github.com/firecracker-microvm/micro-http: Firecracker takes
 #                    it as a git dependency, which cargo cannot fetch without network, so it is
 #                    patched in from here at the revision Firecracker's Cargo.lock names
 #   OUT_DIR          default ${FERROVISOR_CACHE:-~/.cache/ferrovisor}/peers
 #
-# Builds HEAD with the installed stable toolchain (`cargo build --release -p firecracker`;
+# Builds HEAD with the installed stable toolchain (`cargo build --release -p firecracker -p jailer`;
 # the repository pins a newer one), in a scratch directory under /var/tmp that is removed
 # afterwards. Needs libclang-dev and libseccomp-dev (installed if missing). With the glibc
 # target Firecracker has no default seccomp filter (it warns so while building); its
 # benchmark numbers are therefore without seccomp, which only favours it.
 set -euo pipefail
+BINS="firecracker jailer"
+if [ "${1:-}" = --jailer-only ]; then BINS=jailer; shift; fi
 FC_GIT=${1:?usage: bench/firecracker.sh FIRECRACKER_GIT MICRO_HTTP_GIT [OUT_DIR]}
 MH_GIT=${2:?usage: bench/firecracker.sh FIRECRACKER_GIT MICRO_HTTP_GIT [OUT_DIR]}
 OUT=${3:-${FERROVISOR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/ferrovisor}/peers}
@@ -41,7 +45,10 @@ rev=$(grep -A3 '^name = "micro_http"' "$SRC/fc/Cargo.lock" | grep -o '#[0-9a-f]\
 git -C "$MH_GIT" archive "${rev:-HEAD}" | tar -x -C "$SRC/micro-http"
 printf '\n[patch."https://github.com/firecracker-microvm/micro-http"]\nmicro_http = { path = "%s" }\n' \
   "$SRC/micro-http" >> "$SRC/fc/Cargo.toml"
-(cd "$SRC/fc" && RUSTUP_TOOLCHAIN=stable cargo build --release -p firecracker --bin firecracker)
+pkgs=(); for b in $BINS; do pkgs+=(-p "$b" --bin "$b"); done
+(cd "$SRC/fc" && RUSTUP_TOOLCHAIN=stable cargo build --release "${pkgs[@]}")
 mkdir -p "$OUT"
-install -m 0755 "$(find "$SRC/fc" -path '*/release/firecracker' -type f | head -n1)" "$OUT/firecracker"
-echo "firecracker.sh: $("$OUT/firecracker" --version | head -n1) (source $(git -C "$FC_GIT" rev-parse --short HEAD)) -> $OUT/firecracker"
+for b in $BINS; do
+  install -m 0755 "$(find "$SRC/fc" -path "*/release/$b" -type f | head -n1)" "$OUT/$b"
+  echo "firecracker.sh: $b $("$OUT/$b" --version 2>&1 | head -n1) (source $(git -C "$FC_GIT" rev-parse --short HEAD)) -> $OUT/$b"
+done
