@@ -30,6 +30,8 @@ struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    #[command(flatten)]
+    remote: cli::RemoteArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -62,7 +64,7 @@ enum Command {
     },
     /// Run the host daemon: the VM registry, one VMM process per VM, the HTTP API on a Unix
     /// socket. One per host (per state directory).
-    Daemon(DaemonArgs),
+    Daemon(Box<DaemonArgs>),
     /// Manage the host daemon's VMs (through its API socket).
     Vm(cli::VmArgs),
     /// The host daemon's event log: list it, or follow it as it grows.
@@ -102,6 +104,21 @@ struct DaemonArgs {
     /// selinux); the others are always required unless --allow-unconfined.
     #[arg(long, value_name = "WALLS", value_parser = jailed::parse_walls)]
     require: Option<jailed::Walls>,
+    /// Also serve the API over TCP with mutual TLS 1.3 on ADDR:PORT (e.g. 0.0.0.0:8443);
+    /// needs --tls-cert, --tls-key and --tls-client-ca. Roles come from the client
+    /// certificate's O (reader, operator, admin), the user from its CN.
+    #[arg(long, value_name = "ADDR:PORT", requires_all = ["tls_cert", "tls_key", "tls_client_ca"])]
+    listen_tls: Option<std::net::SocketAddr>,
+    /// The server's certificate chain (PEM), for --listen-tls; re-read on SIGHUP.
+    #[arg(long, value_name = "FILE", requires = "listen_tls")]
+    tls_cert: Option<PathBuf>,
+    /// The server's private key (PEM, mode 0600 or stricter), for --listen-tls; re-read on
+    /// SIGHUP.
+    #[arg(long, value_name = "FILE", requires = "listen_tls")]
+    tls_key: Option<PathBuf>,
+    /// The CA certificate(s) (PEM) a client's certificate must be signed by; re-read on SIGHUP.
+    #[arg(long, value_name = "FILE", requires = "listen_tls")]
+    tls_client_ca: Option<PathBuf>,
 }
 
 fn parse_uid_range(s: &str) -> Result<std::ops::RangeInclusive<u32>, String> {
@@ -550,6 +567,22 @@ fn run_daemon(args: &DaemonArgs) -> anyhow::Result<u8> {
             skip: args.allow_unconfined.clone().unwrap_or_default().0,
             require: args.require.clone().unwrap_or_default().0,
         },
+        tls: match (
+            &args.listen_tls,
+            &args.tls_cert,
+            &args.tls_key,
+            &args.tls_client_ca,
+        ) {
+            (Some(addr), Some(cert), Some(key), Some(ca)) => Some(daemon::server::TlsListen {
+                addr: *addr,
+                files: daemon::tls::TlsFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    client_ca: ca.clone(),
+                },
+            }),
+            _ => None,
+        },
     };
     daemon::server::run(&opts).context("ferrovisor daemon")?;
     Ok(0)
@@ -570,8 +603,8 @@ fn main() -> ExitCode {
         Command::Host { kvm, json } => host(kvm, *json),
         Command::Ctl { socket, request } => ctl(socket, request),
         Command::Daemon(args) => run_daemon(args),
-        Command::Vm(args) => cli::vm(args),
-        Command::Events(args) => cli::events(args),
+        Command::Vm(args) => cli::vm(args, &cli.remote),
+        Command::Events(args) => cli::events(args, &cli.remote),
     };
     match result {
         Ok(code) => ExitCode::from(code),

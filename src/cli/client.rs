@@ -1,5 +1,6 @@
-//! A small blocking client of the daemon's API over its Unix socket: one connection per
-//! request (`Connection: close`), JSON in and out, [`api::ApiError`] on failure, the event
+//! A small blocking client of the daemon's API over its Unix socket, or over mutual TLS to a
+//! remote daemon (`--remote`, bridged to a local socket pair by [`super::tls`]): one connection
+//! per request (`Connection: close`), JSON in and out, [`api::ApiError`] on failure, the event
 //! stream, and the console upgrade.
 
 use super::http::{read_head, Body, Head, Request};
@@ -9,7 +10,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use std::io::{self, BufReader};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// The daemon's socket unless `--socket` or `FERROVISOR_SOCKET` says otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/ferrovisor/api.sock";
@@ -20,21 +21,31 @@ pub const CONSOLE_PROTOCOL: &str = "ferrovisor-console";
 /// What can go wrong talking to the daemon; each message is the user's explanation.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// The socket cannot be connected to.
-    #[error("cannot reach the daemon at {}: {}{}", path.display(), os_message(cause), hint(cause, path))]
+    /// The daemon cannot be connected to.
+    #[error("cannot reach the daemon at {at}: {}{}", os_message(cause), hint(cause, at, *remote))]
     Connect {
-        /// The socket.
-        path: PathBuf,
+        /// The socket's path, or the remote `HOST:PORT`.
+        at: String,
+        /// Whether it is remote (`--remote`).
+        remote: bool,
         /// Why (not a `source`: the message already says it).
         cause: io::Error,
     },
     /// The connection failed during the exchange.
-    #[error("talking to the daemon at {}: {}", path.display(), os_message(cause))]
+    #[error("talking to the daemon at {at}: {}", os_message(cause))]
     Io {
-        /// The socket.
-        path: PathBuf,
+        /// The socket or `HOST:PORT`.
+        at: String,
         /// Why.
         cause: io::Error,
+    },
+    /// The remote daemon ended the TLS connection (e.g. it refused this client's certificate).
+    #[error("the daemon at {at} ended the TLS connection: {reason} (check --tls-cert: it must be signed by the CA the daemon's --tls-client-ca names, valid now, and name a role in its O)")]
+    Tls {
+        /// `HOST:PORT`.
+        at: String,
+        /// What TLS said.
+        reason: String,
     },
     /// The daemon refused the request.
     #[error("{}", error.error)]
@@ -58,45 +69,98 @@ fn os_message(e: &io::Error) -> String {
     }
 }
 
-fn hint(e: &io::Error, path: &Path) -> String {
+fn hint(e: &io::Error, at: &str, remote: bool) -> String {
     match e.kind() {
+        _ if remote && e.kind() == io::ErrorKind::InvalidData => {
+            " — the TLS handshake failed (is --tls-ca the CA of the daemon's certificate, and \
+             does that certificate name this host?)"
+                .to_string()
+        }
+        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused if remote => {
+            " — is `ferrovisor daemon --listen-tls` running there? (--remote / FERROVISOR_REMOTE)"
+                .to_string()
+        }
         io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
             " — is `ferrovisor daemon` running? (--socket / FERROVISOR_SOCKET)".to_string()
         }
-        io::ErrorKind::PermissionDenied => format!(
-            " — the socket's group and mode decide who may connect (`ls -l {}`: join its \
-             group, or run as root)",
-            path.display()
+        io::ErrorKind::PermissionDenied if !remote => format!(
+            " — the socket's group and mode decide who may connect (`ls -l {at}`: join its \
+             group, or run as root)"
         ),
         _ => String::new(),
     }
 }
 
+/// Where the daemon is.
+enum Target {
+    /// Its Unix socket.
+    Unix(PathBuf),
+    /// A remote daemon's TLS listener.
+    Remote(super::tls::Remote),
+}
+
 /// The client: where the daemon is.
 pub struct Client {
-    socket: PathBuf,
+    target: Target,
+    /// Why the last TLS connection ended, when it failed (remote only).
+    failure: std::cell::RefCell<Option<super::tls::TlsFailure>>,
 }
 
 impl Client {
     /// A client of the daemon listening on `socket`.
     pub fn new(socket: impl Into<PathBuf>) -> Client {
         Client {
-            socket: socket.into(),
+            target: Target::Unix(socket.into()),
+            failure: Default::default(),
+        }
+    }
+
+    /// A client of a remote daemon (`--remote`).
+    pub fn remote(remote: super::tls::Remote) -> Client {
+        Client {
+            target: Target::Remote(remote),
+            failure: Default::default(),
+        }
+    }
+
+    fn at(&self) -> String {
+        match &self.target {
+            Target::Unix(p) => p.display().to_string(),
+            Target::Remote(r) => r.addr.clone(),
         }
     }
 
     fn io(&self, cause: io::Error) -> ClientError {
+        let failure = self.failure.borrow();
+        if let Some(reason) = failure
+            .as_ref()
+            .and_then(|f| f.lock().unwrap_or_else(|p| p.into_inner()).clone())
+        {
+            return ClientError::Tls {
+                at: self.at(),
+                reason,
+            };
+        }
         ClientError::Io {
-            path: self.socket.clone(),
+            at: self.at(),
             cause,
         }
     }
 
     fn connect(&self) -> Result<UnixStream, ClientError> {
-        UnixStream::connect(&self.socket).map_err(|cause| ClientError::Connect {
-            path: self.socket.clone(),
+        let connect_error = |cause| ClientError::Connect {
+            at: self.at(),
+            remote: matches!(self.target, Target::Remote(_)),
             cause,
-        })
+        };
+        match &self.target {
+            Target::Unix(p) => UnixStream::connect(p).map_err(connect_error),
+            Target::Remote(r) => {
+                let (stream, failure) = r.connect().map_err(connect_error)?;
+                *self.failure.borrow_mut() = Some(failure);
+                Ok(stream)
+            }
+        }
     }
 
     /// Sends a request and reads its head; the body follows on the returned reader.
@@ -259,7 +323,8 @@ mod tests {
         // EACCES, as connect(2) reports a socket the user may not write to.
         let denied = io::Error::from_raw_os_error(13);
         let e = ClientError::Connect {
-            path: missing.clone(),
+            at: missing.display().to_string(),
+            remote: false,
             cause: denied,
         };
         let msg = e.to_string();

@@ -12,8 +12,7 @@ use std::collections::{HashMap, HashSet};
 const PAGE: u32 = 1000;
 
 /// Runs `ferrovisor events`.
-pub fn run(args: &EventsArgs) -> anyhow::Result<u8> {
-    let client = Client::new(&args.common.socket);
+pub fn run(args: &EventsArgs, client: Client) -> anyhow::Result<u8> {
     let json = args.common.json;
     // VM names for the VM column and for --vm: the VMs defined now; deleted ones are learnt
     // from the events that carry a name (`created`, `deleted`).

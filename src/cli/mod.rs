@@ -8,6 +8,7 @@ mod events;
 mod format;
 mod http;
 mod sse;
+mod tls;
 mod vm;
 
 use clap::{Args, Subcommand, ValueEnum};
@@ -31,6 +32,43 @@ pub struct Common {
     /// Print JSON (the daemon's answer) instead of a table.
     #[arg(long, global = true)]
     pub json: bool,
+}
+
+/// A remote daemon (`ferrovisor daemon --listen-tls`), for `vm` and `events`, given before the
+/// command: `ferrovisor --remote HOST:PORT --tls-cert FILE --tls-key FILE --tls-ca FILE vm list`.
+#[derive(Args)]
+pub struct RemoteArgs {
+    /// Talk to the daemon at HOST:PORT over mutual TLS instead of its local socket (`vm` and
+    /// `events` commands).
+    #[arg(
+        long,
+        env = "FERROVISOR_REMOTE",
+        value_name = "HOST:PORT",
+        requires_all = ["tls_cert", "tls_key", "tls_ca"]
+    )]
+    pub remote: Option<String>,
+    /// This client's certificate (PEM), signed by the daemon's client CA; its O names the role.
+    #[arg(long, env = "FERROVISOR_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// This client's private key (PEM).
+    #[arg(long, env = "FERROVISOR_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// The CA certificate(s) (PEM) the daemon's certificate must be signed by.
+    #[arg(long, env = "FERROVISOR_TLS_CA", value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+}
+
+impl RemoteArgs {
+    /// The client these options (and `socket`) ask for.
+    pub(crate) fn client(&self, socket: &std::path::Path) -> anyhow::Result<client::Client> {
+        match (&self.remote, &self.tls_cert, &self.tls_key, &self.tls_ca) {
+            (None, ..) => Ok(client::Client::new(socket)),
+            (Some(addr), Some(cert), Some(key), Some(ca)) => Ok(client::Client::remote(
+                tls::Remote::new(addr, cert, key, ca).map_err(anyhow::Error::msg)?,
+            )),
+            (Some(_), ..) => anyhow::bail!("--remote needs --tls-cert, --tls-key and --tls-ca"),
+        }
+    }
 }
 
 /// `ferrovisor vm ...`.
@@ -183,11 +221,11 @@ pub struct EventsArgs {
 }
 
 /// Runs `ferrovisor vm ...`; the exit status.
-pub fn vm(args: &VmArgs) -> anyhow::Result<u8> {
-    vm::run(args)
+pub fn vm(args: &VmArgs, remote: &RemoteArgs) -> anyhow::Result<u8> {
+    vm::run(args, remote.client(&args.common.socket)?)
 }
 
 /// Runs `ferrovisor events`; the exit status.
-pub fn events(args: &EventsArgs) -> anyhow::Result<u8> {
-    events::run(args)
+pub fn events(args: &EventsArgs, remote: &RemoteArgs) -> anyhow::Result<u8> {
+    events::run(args, remote.client(&args.common.socket)?)
 }

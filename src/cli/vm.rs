@@ -12,8 +12,7 @@ use serde_json::Value;
 use std::path::PathBuf;
 
 /// Runs one `vm` command.
-pub fn run(args: &VmArgs) -> anyhow::Result<u8> {
-    let client = Client::new(&args.common.socket);
+pub fn run(args: &VmArgs, client: Client) -> anyhow::Result<u8> {
     let json = args.common.json;
     match &args.command {
         VmCommand::Create(c) => create(&client, c, json),

@@ -14,6 +14,7 @@ pub mod server;
 pub mod store;
 pub mod supervisor;
 mod sync;
+pub mod tls;
 
 pub use ::api::{DesiredState, EventKind, RestartPolicy, VmState};
 pub use error::StoreError;

@@ -36,6 +36,17 @@ pub struct DaemonOptions {
     pub cgroup_parent: Option<PathBuf>,
     /// How VMMs are confined.
     pub jail: crate::manager::JailPolicy,
+    /// The remote API (`--listen-tls`), if any.
+    pub tls: Option<TlsListen>,
+}
+
+/// The remote API's listener: an address and the TLS files.
+#[derive(Clone, Debug)]
+pub struct TlsListen {
+    /// Where to listen (`--listen-tls ADDR:PORT`).
+    pub addr: std::net::SocketAddr,
+    /// Certificate, key, client CA.
+    pub files: crate::tls::TlsFiles,
 }
 
 /// Why the daemon could not run.
@@ -111,6 +122,13 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
         );
     }
     check_state_dir_length(&opts.state_dir)?;
+    // Bad TLS files stop the daemon before it touches anything.
+    let tls = opts
+        .tls
+        .as_ref()
+        .map(|t| crate::tls::Reloadable::new(t.files.clone()).map(|r| (t.addr, r)))
+        .transpose()
+        .map_err(|e| DaemonError::Usage(e.to_string()))?;
     let binary = match &opts.vmm_binary {
         Some(b) => b.clone(),
         None => std::env::current_exe()?,
@@ -183,6 +201,33 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
             opts.state_dir.display()
         );
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let (tls_stop_tx, tls_stop_rx) = tokio::sync::oneshot::channel::<()>();
+        if let Some((addr, tls)) = tls {
+            let tcp = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| std::io::Error::new(e.kind(), format!("--listen-tls {addr}: {e}")))?;
+            eprintln!(
+                "ferrovisor daemon: serving the remote API on {} (mutual TLS 1.3)",
+                tcp.local_addr().unwrap_or(addr)
+            );
+            // SIGHUP: read the certificate, key and client CA again (new handshakes use them;
+            // running VMs and open connections are not touched).
+            let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+            let reload = tls.clone();
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    match reload.reload() {
+                        Ok(()) => eprintln!("ferrovisor daemon: TLS files re-read (SIGHUP)"),
+                        Err(e) => eprintln!(
+                            "ferrovisor daemon: SIGHUP: keeping the old TLS configuration: {e}"
+                        ),
+                    }
+                }
+            });
+            tokio::spawn(crate::api::serve_tls(tcp, tls, state.clone(), async {
+                let _ = tls_stop_rx.await;
+            }));
+        }
         let server = tokio::spawn(serve_with_shutdown(listener, state, async {
             let _ = stop_rx.await;
         }));
@@ -193,6 +238,7 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
         }
         eprintln!("ferrovisor daemon: stopping (VMs keep running)");
         let _ = stop_tx.send(());
+        let _ = tls_stop_tx.send(());
         // Event streams and consoles never end by themselves: give requests in flight a
         // moment, then go.
         let _ = tokio::time::timeout(Duration::from_secs(3), server).await;

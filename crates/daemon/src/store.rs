@@ -497,6 +497,27 @@ fn find(tx: &Transaction<'_>, vm: &str) -> Result<VmRecord, StoreError> {
         .into_record()
 }
 
+thread_local! {
+    /// Who the store's writes on this thread are made for (see [`acting_as`]).
+    static ACTOR: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` with the events it writes on this thread recording `"by": by` in their detail (the
+/// API's caller: a certificate's CN, or `local`); `None` records nothing (the daemon's own
+/// doing: exits, restarts, adoption).
+pub fn acting_as<R>(by: Option<&str>, f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<String>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let old = self.0.take();
+            ACTOR.with(|a| *a.borrow_mut() = old);
+        }
+    }
+    let old = ACTOR.with(|a| a.replace(by.map(str::to_string)));
+    let _restore = Restore(old);
+    f()
+}
+
 fn insert_event(
     tx: &Transaction<'_>,
     vm_id: Option<&VmId>,
@@ -504,6 +525,15 @@ fn insert_event(
     detail: &Value,
     at: UnixMillis,
 ) -> Result<EventId, StoreError> {
+    let by = ACTOR.with(|a| a.borrow().clone());
+    let detail = match (by, detail) {
+        (Some(by), Value::Object(map)) => {
+            let mut map = map.clone();
+            map.insert("by".into(), Value::String(by));
+            Value::Object(map)
+        }
+        _ => detail.clone(),
+    };
     tx.execute(
         "INSERT INTO events (at, vm_id, kind, detail) VALUES (?1, ?2, ?3, ?4)",
         params![

@@ -59,7 +59,9 @@ use utoipa_axum::routes;
         title = "Ferrovisor API",
         version = "1",
         description = "The host daemon's HTTP/JSON API, served on its Unix socket \
-                       (/run/ferrovisor/api.sock). Every error is an ApiError."
+                       (/run/ferrovisor/api.sock) and, with --listen-tls, over mutual TLS 1.3 \
+                       (roles from the client certificate's O: reader, operator, admin; a \
+                       route above the caller's role answers 403). Every error is an ApiError."
     ),
     components(schemas(api::ApiError)),
     tags(
@@ -105,8 +107,106 @@ pub fn router(state: AppState) -> Router {
     router
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
+        // Inner to outer: the body is read before anything answers (see read_whole_body), a 403
+        // included.
+        .layer(axum::middleware::from_fn(authorize))
         .layer(axum::middleware::from_fn(read_whole_body))
         .with_state(state)
+}
+
+/// Lets a request through when its caller's role allows its route (403 naming the role needed
+/// otherwise), and runs it as that caller: what it changes, the event log records as `"by"`
+/// the caller's user. A request without a [`Caller`](crate::tls::Caller) came on the Unix
+/// socket: `local`, admin.
+async fn authorize(req: Request, next: Next) -> Response {
+    let caller = req
+        .extensions()
+        .get::<crate::tls::Caller>()
+        .cloned()
+        .unwrap_or_else(crate::tls::Caller::local);
+    if let Some(why) = crate::tls::refusal(&caller, req.method(), req.uri().path()) {
+        return Failure::new(StatusCode::FORBIDDEN, "forbidden", None, why).into_response();
+    }
+    state::ACTOR.scope(caller.user, next.run(req)).await
+}
+
+/// How long a client gets to finish its TLS handshake.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Serves the API over mutual TLS on `listener` until `shutdown` completes: each connection's
+/// handshake with the configuration current at its arrival (see
+/// [`Reloadable`](crate::tls::Reloadable)), then HTTP/1.1 (upgrades, i.e. consoles, included)
+/// as the caller its certificate names. A refused handshake is logged with the peer's address
+/// and reason; the listener goes on.
+pub async fn serve_tls<F>(
+    listener: tokio::net::TcpListener,
+    tls: crate::tls::Reloadable,
+    state: AppState,
+    shutdown: F,
+) -> std::io::Result<()>
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let app = router(state);
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            () = &mut shutdown => return Ok(()),
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of descriptors and the like: wait a little rather than spin.
+                    tracing::warn!("TLS listener: accept: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        // Small TLS records (the handshake's flights, short answers) go out at once: with
+        // Nagle, a flight written after an unacknowledged one waits for the peer's delayed
+        // ACK (40 ms).
+        let _ = tcp.set_nodelay(true);
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
+        let app = app.clone();
+        tokio::spawn(async move {
+            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::info!("TLS client {peer} refused in the handshake: {e}");
+                    return;
+                }
+                Err(_) => {
+                    tracing::info!("TLS client {peer}: no handshake within {HANDSHAKE_TIMEOUT:?}");
+                    return;
+                }
+            };
+            let Some(caller) = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| crate::tls::Caller::from_certificate(c.as_ref()))
+            else {
+                // The verifier requires a certificate; a connection without one ends here.
+                return;
+            };
+            tracing::debug!(
+                "TLS client {peer}: CN={} role {:?}",
+                caller.user,
+                caller.role
+            );
+            let service =
+                hyper_util::service::TowerToHyperService::new(app.layer(axum::Extension(caller)));
+            let io = hyper_util::rt::TokioIo::new(stream);
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .with_upgrades()
+                .await
+            {
+                tracing::debug!("TLS client {peer}: {e}");
+            }
+        });
+    }
 }
 
 /// Reads each request's whole body (at most axum's default limit, 2 MiB) before its route runs.

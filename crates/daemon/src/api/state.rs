@@ -9,6 +9,17 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use tokio::sync::{Notify, OwnedMutexGuard};
 
+tokio::task_local! {
+    /// The user a request runs as (its certificate's CN, or `local`), set by the API's
+    /// authorization layer; store writes made for the request record it as `"by"`.
+    pub(crate) static ACTOR: String;
+}
+
+/// The request's user, to carry into a blocking task.
+fn actor() -> Option<String> {
+    ACTOR.try_with(|a| a.clone()).ok()
+}
+
 /// What the API needs to know about the host daemon.
 #[derive(Clone, Debug)]
 pub struct ApiConfig {
@@ -95,7 +106,8 @@ impl AppState {
         F: FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
     {
         let store = Arc::clone(self.store());
-        tokio::task::spawn_blocking(move || f(&store))
+        let by = actor();
+        tokio::task::spawn_blocking(move || crate::store::acting_as(by.as_deref(), || f(&store)))
             .await
             .map_err(|e| Failure::internal(format!("store operation failed: {e}")))?
             .map_err(Failure::from)
@@ -111,9 +123,10 @@ impl AppState {
         let id = self.blocking(move |s| s.get(&vm)).await?.id.to_string();
         let guard = self.lock_vm(&id).await;
         let m = self.inner.manager.clone();
+        let by = actor();
         tokio::task::spawn_blocking(move || {
             let _guard = guard;
-            f(&m, &id)
+            crate::store::acting_as(by.as_deref(), || f(&m, &id))
         })
         .await
         .map_err(|e| Failure::internal(format!("VM operation failed: {e}")))?
