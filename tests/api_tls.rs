@@ -261,6 +261,25 @@ fn roles_from_the_certificate_and_the_user_in_the_event_log() {
         "{v}"
     );
 
+    // The event stream over TLS.
+    {
+        let tcp = TcpStream::connect(("127.0.0.1", r.port)).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let conn =
+            rustls::ClientConnection::new(reader.clone(), "localhost".try_into().unwrap()).unwrap();
+        let mut tls = rustls::StreamOwned::new(conn, tcp);
+        tls.write_all(b"GET /v1/events/stream HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") && tls.read(&mut b).unwrap() == 1 {
+            head.push(b[0]);
+        }
+        let head = String::from_utf8_lossy(&head).to_lowercase();
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert!(head.contains("text/event-stream"), "{head}");
+    }
+
     // No known role: 403 on everything, saying why.
     let (s, v) = tls_request(r.port, &nobody, "GET", "/v1/vms", None).unwrap();
     assert_eq!(s, 403, "{v}");
@@ -312,6 +331,22 @@ fn bad_clients_are_refused_in_the_handshake() {
         ca,
         Some(&r.pki.issue("old", "old", &["admin"], false, true)),
     );
+    let future = {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, "early");
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "admin");
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.not_before = rcgen::date_time_ymd(2090, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2091, 1, 1);
+        let cert = params.signed_by(&key, &r.pki.issuer).unwrap();
+        let (c, k) = (r.dir.join("early.pem"), r.dir.join("early.key"));
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        client_config(ca, Some(&(c, k)))
+    };
     let other = Pki::new(&r.dir, "other-ca");
     let foreign = client_config(
         ca,
@@ -320,6 +355,7 @@ fn bad_clients_are_refused_in_the_handshake() {
     let anonymous = client_config(ca, None);
     for (what, cfg) in [
         ("expired", &expired),
+        ("not yet valid", &future),
         ("another CA", &foreign),
         ("no certificate", &anonymous),
     ] {

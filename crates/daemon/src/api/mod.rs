@@ -130,6 +130,9 @@ async fn authorize(req: Request, next: Next) -> Response {
     state::ACTOR.scope(caller.user, next.run(req)).await
 }
 
+/// Connections the TLS listener serves at once.
+const MAX_TLS_CONNECTIONS: usize = 512;
+
 /// How long a client gets to finish its TLS handshake.
 const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -148,6 +151,7 @@ where
     F: std::future::Future<Output = ()> + Send + 'static,
 {
     let app = router(state);
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_TLS_CONNECTIONS));
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let (tcp, peer) = tokio::select! {
@@ -162,6 +166,14 @@ where
                 }
             },
         };
+        // At most MAX_TLS_CONNECTIONS at once: past that a new connection is closed at once
+        // (a flood of idle connections must not take the daemon's memory or descriptors).
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(
+                "TLS client {peer}: {MAX_TLS_CONNECTIONS} connections already open; closed"
+            );
+            continue;
+        };
         // Small TLS records (the handshake's flights, short answers) go out at once: with
         // Nagle, a flight written after an unacknowledged one waits for the peer's delayed
         // ACK (40 ms).
@@ -169,6 +181,7 @@ where
         let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
         let app = app.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
