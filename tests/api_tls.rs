@@ -285,6 +285,18 @@ fn roles_from_the_certificate_and_the_user_in_the_event_log() {
     assert_eq!(s, 403, "{v}");
     assert!(v["error"].as_str().unwrap().contains("no role"), "{v}");
 
+    // CN=local would pass for the Unix socket in the event log: refused whatever its O.
+    let fake_local = client_config(
+        ca,
+        Some(&r.pki.issue("fake-local", "local", &["admin"], false, false)),
+    );
+    let (s, v) = tls_request(r.port, &fake_local, "GET", "/v1/vms", None).unwrap();
+    assert_eq!(s, 403, "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("CN=local is refused"),
+        "{v}"
+    );
+
     // operator may not create or delete.
     let (s, _) = tls_request(r.port, &operator, "POST", "/v1/vms", Some(&create)).unwrap();
     assert_eq!(s, 403);
@@ -631,7 +643,7 @@ fn the_cli_works_remotely_end_to_end() {
     assert_eq!(out.code(), 0, "{out:?}");
     let out = run(reader(&["events", "--json"]), T);
     assert_eq!(out.code(), 0, "{out:?}");
-    for kind in ["created", "started", "deleted"] {
+    for kind in ["created", "started", "stopped", "deleted"] {
         assert!(
             out.stdout
                 .lines()

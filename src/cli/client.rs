@@ -40,7 +40,7 @@ pub enum ClientError {
         cause: io::Error,
     },
     /// The remote daemon ended the TLS connection (e.g. it refused this client's certificate).
-    #[error("the daemon at {at} ended the TLS connection: {reason} (check --tls-cert: it must be signed by the CA the daemon's --tls-client-ca names, valid now, and name a role in its O)")]
+    #[error("the daemon at {at} ended the TLS connection: {reason} (if the daemon refused this client's certificate: check that --tls-cert is signed by the CA the daemon's --tls-client-ca names and valid now)")]
     Tls {
         /// `HOST:PORT`.
         at: String,

@@ -166,6 +166,9 @@ struct Inner {
     restarts: (Mutex<RestartQueue>, Condvar),
     consoles: Mutex<HashMap<String, ConsoleHub>>,
     changed: Arc<tokio::sync::Notify>,
+    /// Who asked for each stop in progress (an API caller), by VM id: the exit it causes is
+    /// recorded as theirs (`"by"`), though the exit thread records it.
+    stoppers: Mutex<HashMap<String, String>>,
     /// SELinux MCS category pairs held by running VMs (where the host has SELinux).
     mcs: Mutex<(
         jail::selinux::McsAllocator,
@@ -260,6 +263,7 @@ impl Manager {
             restarts: (Mutex::new(BinaryHeap::new()), Condvar::new()),
             consoles: Mutex::new(HashMap::new()),
             changed,
+            stoppers: Mutex::new(HashMap::new()),
             mcs: Mutex::new((jail::selinux::McsAllocator::new(), HashMap::new())),
         });
         let weak = Arc::downgrade(&inner);
@@ -851,6 +855,9 @@ impl Manager {
         let id = rec.id.as_str();
         self.inner.store.set_desired(id, desired)?;
         self.inner.supervisor.expect_exit(id);
+        if let Some(by) = crate::store::current_actor() {
+            lock(&self.inner.stoppers).insert(id.to_string(), by);
+        }
         match self.inner.store.set_state(id, VmState::Stopping) {
             Ok(r) => {
                 self.changed();
@@ -858,6 +865,7 @@ impl Manager {
             }
             Err(e) => {
                 self.inner.supervisor.cancel_expect_exit(id);
+                lock(&self.inner.stoppers).remove(id);
                 Err(e.into())
             }
         }
@@ -1102,6 +1110,15 @@ fn handle_exit(inner: &Arc<Inner>, notice: &ExitNotice, context: Option<&str>) {
             return;
         }
     }
+    // A stop someone asked for is theirs in the log; any other end is the daemon's own record
+    // (even when found during a request, e.g. a guest that powers off as it starts).
+    let by = lock(&inner.stoppers).remove(&notice.vm_id);
+    crate::store::acting_as(by.as_deref(), || record_exit(inner, notice, &reason, code));
+}
+
+/// The part of [`handle_exit`] for a notice about the VMM the VM runs: its console hub,
+/// cgroup and MCS pair go, its end is recorded, its restart policy applied.
+fn record_exit(inner: &Arc<Inner>, notice: &ExitNotice, reason: &str, code: Option<i32>) {
     lock(&inner.consoles).remove(&notice.vm_id);
     remove_cgroup(inner, &notice.vm_id);
     {
@@ -1113,7 +1130,7 @@ fn handle_exit(inner: &Arc<Inner>, notice: &ExitNotice, context: Option<&str>) {
     let rec =
         match inner
             .store
-            .set_exited_of(&notice.vm_id, notice.pid, &reason, code, notice.crashed)
+            .set_exited_of(&notice.vm_id, notice.pid, reason, code, notice.crashed)
         {
             Ok(rec) => Some(rec),
             // Deleted, or its end is already recorded.

@@ -202,6 +202,24 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
         );
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let (tls_stop_tx, tls_stop_rx) = tokio::sync::oneshot::channel::<()>();
+        // SIGHUP: read the TLS certificate, key and client CA again (new handshakes use them;
+        // running VMs and open connections are not touched). Without --listen-tls there is
+        // nothing to re-read, and a SIGHUP does not stop the daemon either.
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        let reload = tls.as_ref().map(|(_, t)| t.clone());
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                match reload.as_ref().map(|t| t.reload()) {
+                    Some(Ok(())) => eprintln!("ferrovisor daemon: TLS files re-read (SIGHUP)"),
+                    Some(Err(e)) => eprintln!(
+                        "ferrovisor daemon: SIGHUP: keeping the old TLS configuration: {e}"
+                    ),
+                    None => {
+                        eprintln!("ferrovisor daemon: SIGHUP: nothing to re-read (no --listen-tls)")
+                    }
+                }
+            }
+        });
         if let Some((addr, tls)) = tls {
             let tcp = tokio::net::TcpListener::bind(addr)
                 .await
@@ -210,20 +228,6 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
                 "ferrovisor daemon: serving the remote API on {} (mutual TLS 1.3)",
                 tcp.local_addr().unwrap_or(addr)
             );
-            // SIGHUP: read the certificate, key and client CA again (new handshakes use them;
-            // running VMs and open connections are not touched).
-            let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
-            let reload = tls.clone();
-            tokio::spawn(async move {
-                while hup.recv().await.is_some() {
-                    match reload.reload() {
-                        Ok(()) => eprintln!("ferrovisor daemon: TLS files re-read (SIGHUP)"),
-                        Err(e) => eprintln!(
-                            "ferrovisor daemon: SIGHUP: keeping the old TLS configuration: {e}"
-                        ),
-                    }
-                }
-            });
             tokio::spawn(crate::api::serve_tls(tcp, tls, state.clone(), async {
                 let _ = tls_stop_rx.await;
             }));

@@ -518,6 +518,11 @@ pub fn acting_as<R>(by: Option<&str>, f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// The user this thread's store writes are made for (see [`acting_as`]), if any.
+pub fn current_actor() -> Option<String> {
+    ACTOR.with(|a| a.borrow().clone())
+}
+
 fn insert_event(
     tx: &Transaction<'_>,
     vm_id: Option<&VmId>,
@@ -525,8 +530,7 @@ fn insert_event(
     detail: &Value,
     at: UnixMillis,
 ) -> Result<EventId, StoreError> {
-    let by = ACTOR.with(|a| a.borrow().clone());
-    let detail = match (by, detail) {
+    let detail = match (current_actor(), detail) {
         (Some(by), Value::Object(map)) => {
             let mut map = map.clone();
             map.insert("by".into(), Value::String(by));

@@ -49,7 +49,7 @@ pub enum TlsError {
 }
 
 /// aws-lc-rs: TLS 1.3 suites, X25519MLKEM768 (post-quantum hybrid) preferred, then X25519.
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
@@ -87,6 +87,10 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
             ))
         })?;
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // No resumption: a resumed session carries the client certificate of its first handshake
+    // without checking it again, so an expired (or since distrusted) one would keep working.
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 0;
     Ok(Arc::new(cfg))
 }
 
@@ -103,7 +107,7 @@ fn check_key_mode(path: &Path) -> Result<(), TlsError> {
             option: "--tls-key",
             path: path.to_path_buf(),
             reason: format!(
-                "readable by others than its owner (mode {mode:04o}); chmod 600 {}",
+                "open to others than its owner (mode {mode:04o}); chmod 600 {}",
                 path.display()
             ),
         });
@@ -111,7 +115,11 @@ fn check_key_mode(path: &Path) -> Result<(), TlsError> {
     Ok(())
 }
 
-fn read_certs(option: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+/// The certificates of a PEM file (`option` names it in errors); at least one.
+pub fn read_certs(
+    option: &'static str,
+    path: &Path,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let err = |reason: String| TlsError::File {
         option,
         path: path.to_path_buf(),
@@ -201,6 +209,9 @@ impl fmt::Display for Role {
     }
 }
 
+/// The user the event log records for the Unix socket's clients.
+pub const LOCAL_USER: &str = "local";
+
 /// Who sent a request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Caller {
@@ -216,7 +227,7 @@ impl Caller {
     /// A client of the local Unix socket.
     pub fn local() -> Caller {
         Caller {
-            user: "local".into(),
+            user: LOCAL_USER.into(),
             role: Some(Role::Admin),
             organizations: Vec::new(),
         }
@@ -242,10 +253,15 @@ impl Caller {
             .iter_organization()
             .filter_map(|a| a.as_str().ok().map(str::to_string))
             .collect();
-        let role = organizations
-            .iter()
-            .filter_map(|o| Role::from_name(o))
-            .max();
+        // `local` is the Unix socket's user in the event log: no certificate may pass for it.
+        let role = if user == LOCAL_USER {
+            None
+        } else {
+            organizations
+                .iter()
+                .filter_map(|o| Role::from_name(o))
+                .max()
+        };
         Caller {
             user,
             role,
@@ -277,6 +293,10 @@ pub fn role_needed(method: &axum::http::Method, path: &str) -> Role {
 pub fn refusal(caller: &Caller, method: &axum::http::Method, path: &str) -> Option<String> {
     let needed = role_needed(method, path);
     match caller.role {
+        None if caller.user == LOCAL_USER => Some(format!(
+            "client certificate CN={LOCAL_USER} is refused: that name is the Unix socket's in \
+             the event log"
+        )),
         None => Some(format!(
             "client certificate CN={} has no role: its organization (O) must be one of reader, \
              operator, admin (it has {})",

@@ -116,15 +116,21 @@ pub fn router(state: AppState) -> Router {
 
 /// Lets a request through when its caller's role allows its route (403 naming the role needed
 /// otherwise), and runs it as that caller: what it changes, the event log records as `"by"`
-/// the caller's user. A request without a [`Caller`](crate::tls::Caller) came on the Unix
-/// socket: `local`, admin.
+/// the caller's user. The Unix socket's listener names its callers `local` (admin), the TLS
+/// listener by their certificates.
 async fn authorize(req: Request, next: Next) -> Response {
-    let caller = req
-        .extensions()
-        .get::<crate::tls::Caller>()
-        .cloned()
-        .unwrap_or_else(crate::tls::Caller::local);
+    // Each listener names its callers; a request without one is refused, not trusted.
+    let Some(caller) = req.extensions().get::<crate::tls::Caller>().cloned() else {
+        return Failure::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            None,
+            "the request came through no listener that names its caller",
+        )
+        .into_response();
+    };
     if let Some(why) = crate::tls::refusal(&caller, req.method(), req.uri().path()) {
+        tracing::info!("refused: {why}");
         return Failure::new(StatusCode::FORBIDDEN, "forbidden", None, why).into_response();
     }
     state::ACTOR.scope(caller.user, next.run(req)).await
@@ -134,7 +140,11 @@ async fn authorize(req: Request, next: Next) -> Response {
 const MAX_TLS_CONNECTIONS: usize = 512;
 
 /// How long a client gets to finish its TLS handshake.
-const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How long a TLS client may take to send a request's head (also: how long an idle kept-alive
+/// connection stays open).
+const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Serves the API over mutual TLS on `listener` until `shutdown` completes: each connection's
 /// handshake with the configuration current at its arrival (see
@@ -212,6 +222,8 @@ where
                 hyper_util::service::TowerToHyperService::new(app.layer(axum::Extension(caller)));
             let io = hyper_util::rt::TokioIo::new(stream);
             if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
                 .serve_connection(io, service)
                 .with_upgrades()
                 .await
@@ -238,9 +250,14 @@ async fn read_whole_body(req: Request, next: Next) -> Response {
     }
 }
 
+/// The router for the Unix socket: every caller is `local`.
+fn local_router(state: AppState) -> Router {
+    router(state).layer(axum::Extension(crate::tls::Caller::local()))
+}
+
 /// Serves the API on `listener` until the listener fails.
 pub async fn serve(listener: tokio::net::UnixListener, state: AppState) -> std::io::Result<()> {
-    axum::serve(listener, router(state)).await
+    axum::serve(listener, local_router(state)).await
 }
 
 /// Serves the API on `listener` until `shutdown` completes, then finishes the requests in
@@ -253,7 +270,7 @@ pub async fn serve_with_shutdown<F>(
 where
     F: std::future::Future<Output = ()> + Send + 'static,
 {
-    axum::serve(listener, router(state))
+    axum::serve(listener, local_router(state))
         .with_graceful_shutdown(shutdown)
         .await
 }
