@@ -19,6 +19,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// When a certificate is valid.
+#[derive(Clone, Copy)]
+enum Valid {
+    Now,
+    Expired,
+    NotYet,
+}
+
 /// A CA and the certificates it signs, as files in `dir`.
 struct Pki {
     dir: PathBuf,
@@ -42,15 +50,15 @@ impl Pki {
         }
     }
 
-    /// A certificate for `cn` (organizations `orgs`), client or server, valid now unless
-    /// `expired`; returns (cert, key) paths (the key 0600).
+    /// A certificate for `cn` (organizations `orgs`), client or server, valid `when`; returns
+    /// (cert, key) paths (the key 0600).
     fn issue(
         &self,
         file: &str,
         cn: &str,
         orgs: &[&str],
         server: bool,
-        expired: bool,
+        when: Valid,
     ) -> (PathBuf, PathBuf) {
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -67,9 +75,16 @@ impl Pki {
         } else {
             params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         }
-        if expired {
-            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
-            params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        match when {
+            Valid::Now => {}
+            Valid::Expired => {
+                params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+                params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+            }
+            Valid::NotYet => {
+                params.not_before = rcgen::date_time_ymd(2090, 1, 1);
+                params.not_after = rcgen::date_time_ymd(2091, 1, 1);
+            }
         }
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         let cert_path = self.dir.join(format!("{file}.pem"));
@@ -101,7 +116,7 @@ struct Remote {
 fn start(tag: &str) -> Remote {
     let dir = scratch(tag);
     let pki = Pki::new(&dir, "ca");
-    let (cert, key) = pki.issue("server", "ferrovisor-test", &[], true, false);
+    let (cert, key) = pki.issue("server", "ferrovisor-test", &[], true, Valid::Now);
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let d = Daemon::start_with(
@@ -131,6 +146,25 @@ fn start(tag: &str) -> Remote {
         dir,
         port,
         pki,
+    }
+}
+
+impl Remote {
+    /// A client configuration with a certificate for `cn` in roles `orgs`, valid now.
+    fn client(&self, cn: &str, orgs: &[&str]) -> Arc<rustls::ClientConfig> {
+        self.client_with(cn, cn, orgs, Valid::Now)
+    }
+
+    /// The same, in file `file`, valid `when`.
+    fn client_with(
+        &self,
+        file: &str,
+        cn: &str,
+        orgs: &[&str],
+        when: Valid,
+    ) -> Arc<rustls::ClientConfig> {
+        let files = self.pki.issue(file, cn, orgs, false, when);
+        client_config(&self.pki.ca_pem, Some(&files))
     }
 }
 
@@ -214,26 +248,10 @@ fn fw_config(dir: &Path) -> Value {
 #[test]
 fn roles_from_the_certificate_and_the_user_in_the_event_log() {
     let r = start("tls-roles");
-    let ca = &r.pki.ca_pem;
-    let reader = client_config(
-        ca,
-        Some(&r.pki.issue("alice", "alice", &["reader"], false, false)),
-    );
-    let operator = client_config(
-        ca,
-        Some(&r.pki.issue("olga", "olga", &["operator"], false, false)),
-    );
-    let admin = client_config(
-        ca,
-        Some(
-            &r.pki
-                .issue("root-ann", "ann", &["staff", "admin"], false, false),
-        ),
-    );
-    let nobody = client_config(
-        ca,
-        Some(&r.pki.issue("bob", "bob", &["staff"], false, false)),
-    );
+    let reader = r.client("alice", &["reader"]);
+    let operator = r.client("olga", &["operator"]);
+    let admin = r.client_with("root-ann", "ann", &["staff", "admin"], Valid::Now);
+    let nobody = r.client("bob", &["staff"]);
     let create = json!({"name": "t1", "config": fw_config(&r.dir)}).to_string();
 
     // reader: lists and reads metrics; 403 naming the role on the rest.
@@ -286,10 +304,7 @@ fn roles_from_the_certificate_and_the_user_in_the_event_log() {
     assert!(v["error"].as_str().unwrap().contains("no role"), "{v}");
 
     // CN=local would pass for the Unix socket in the event log: refused whatever its O.
-    let fake_local = client_config(
-        ca,
-        Some(&r.pki.issue("fake-local", "local", &["admin"], false, false)),
-    );
+    let fake_local = r.client_with("fake-local", "local", &["admin"], Valid::Now);
     let (s, v) = tls_request(r.port, &fake_local, "GET", "/v1/vms", None).unwrap();
     assert_eq!(s, 403, "{v}");
     assert!(
@@ -339,30 +354,12 @@ fn roles_from_the_certificate_and_the_user_in_the_event_log() {
 fn bad_clients_are_refused_in_the_handshake() {
     let r = start("tls-refused");
     let ca = &r.pki.ca_pem;
-    let expired = client_config(
-        ca,
-        Some(&r.pki.issue("old", "old", &["admin"], false, true)),
-    );
-    let future = {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.distinguished_name.push(DnType::CommonName, "early");
-        params
-            .distinguished_name
-            .push(DnType::OrganizationName, "admin");
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        params.not_before = rcgen::date_time_ymd(2090, 1, 1);
-        params.not_after = rcgen::date_time_ymd(2091, 1, 1);
-        let cert = params.signed_by(&key, &r.pki.issuer).unwrap();
-        let (c, k) = (r.dir.join("early.pem"), r.dir.join("early.key"));
-        std::fs::write(&c, cert.pem()).unwrap();
-        std::fs::write(&k, key.serialize_pem()).unwrap();
-        client_config(ca, Some(&(c, k)))
-    };
+    let expired = r.client_with("old", "old", &["admin"], Valid::Expired);
+    let future = r.client_with("early", "early", &["admin"], Valid::NotYet);
     let other = Pki::new(&r.dir, "other-ca");
     let foreign = client_config(
         ca,
-        Some(&other.issue("mallory", "mallory", &["admin"], false, false)),
+        Some(&other.issue("mallory", "mallory", &["admin"], false, Valid::Now)),
     );
     let anonymous = client_config(ca, None);
     for (what, cfg) in [
@@ -400,7 +397,7 @@ fn bad_clients_are_refused_in_the_handshake() {
         .expect("curl");
     assert!(!out.status.success(), "curl without a certificate got in");
     // With one, curl is served.
-    let (cert, key) = r.pki.issue("curl", "carol", &["reader"], false, false);
+    let (cert, key) = r.pki.issue("curl", "carol", &["reader"], false, Valid::Now);
     let out = std::process::Command::new("curl")
         .args(["-sS", "--fail", "--max-time", "10", "--cacert"])
         .arg(ca)
@@ -424,7 +421,7 @@ fn bad_clients_are_refused_in_the_handshake() {
 fn a_key_readable_by_others_is_refused_at_start() {
     let dir = scratch("tls-key-mode");
     let pki = Pki::new(&dir, "ca");
-    let (cert, key) = pki.issue("server", "s", &[], true, false);
+    let (cert, key) = pki.issue("server", "s", &[], true, Valid::Now);
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_ferrovisor"))
         .args(["daemon", "--socket"])
@@ -453,11 +450,7 @@ fn a_key_readable_by_others_is_refused_at_start() {
 #[test]
 fn sighup_rotates_the_certificate_and_keeps_serving() {
     let r = start("tls-rotate");
-    let ca = &r.pki.ca_pem;
-    let reader = client_config(
-        ca,
-        Some(&r.pki.issue("alice", "alice", &["reader"], false, false)),
-    );
+    let reader = r.client("alice", &["reader"]);
     assert_eq!(
         tls_request(r.port, &reader, "GET", "/v1/vms", None)
             .unwrap()
@@ -465,7 +458,7 @@ fn sighup_rotates_the_certificate_and_keeps_serving() {
         200
     );
     // A new server certificate in the same files, then SIGHUP.
-    let (cert, key) = r.pki.issue("server", "rotated", &[], true, false);
+    let (cert, key) = r.pki.issue("server", "rotated", &[], true, Valid::Now);
     assert!(cert.ends_with("server.pem") && key.ends_with("server.key"));
     // SAFETY: kill has no memory effects.
     assert_eq!(unsafe { libc::kill(r.daemon_pid as i32, libc::SIGHUP) }, 0);
@@ -517,10 +510,7 @@ fn sighup_rotates_the_certificate_and_keeps_serving() {
 #[test]
 fn fifty_tls_clients_at_once() {
     let r = start("tls-fifty");
-    let reader = client_config(
-        &r.pki.ca_pem,
-        Some(&r.pki.issue("alice", "alice", &["reader"], false, false)),
-    );
+    let reader = r.client("alice", &["reader"]);
     let port = r.port;
     let threads: Vec<_> = (0..50)
         .map(|_| {
@@ -549,7 +539,7 @@ fn the_cli_works_remotely_end_to_end() {
             .build(),
     );
     let remote = |cn: &str, role: &str| {
-        let (cert, key) = r.pki.issue(cn, cn, &[role], false, false);
+        let (cert, key) = r.pki.issue(cn, cn, &[role], false, Valid::Now);
         let (port, ca) = (r.port, r.pki.ca_pem.clone());
         move |args: &[&str]| {
             let mut cmd = ferrovisor();

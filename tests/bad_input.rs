@@ -279,17 +279,5 @@ fn host_reports_the_kvm_flavour() {
         .iter()
         .filter_map(|w| w["name"].as_str())
         .collect();
-    assert_eq!(
-        names,
-        [
-            "namespaces",
-            "filesystem",
-            "identity",
-            "seccomp",
-            "landlock",
-            "cgroups",
-            "apparmor",
-            "selinux"
-        ]
-    );
+    assert_eq!(names, WALL_NAMES);
 }

@@ -21,6 +21,19 @@ pub fn ferrovisor() -> Command {
     c
 }
 
+/// The confinement walls, by name, in the order of the docs, `/v1/host` and `ferrovisor host`.
+#[allow(dead_code)]
+pub const WALL_NAMES: [&str; 8] = [
+    "namespaces",
+    "filesystem",
+    "identity",
+    "seccomp",
+    "landlock",
+    "cgroups",
+    "apparmor",
+    "selinux",
+];
+
 /// Path of the binary.
 pub fn ferrovisor_path() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_ferrovisor"))
