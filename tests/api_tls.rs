@@ -559,21 +559,18 @@ fn the_cli_works_remotely_end_to_end() {
     };
     let admin = remote("cli-admin", "admin");
     let reader = remote("cli-reader", "reader");
-    let fw_arg = fw.to_str().unwrap();
+    let create = [
+        "vm",
+        "create",
+        "rc",
+        "--firmware",
+        fw.to_str().unwrap(),
+        "--memory",
+        "32M",
+    ];
 
     // A reader may not create: the CLI says which role it needs.
-    let out = run(
-        reader(&[
-            "vm",
-            "create",
-            "rc",
-            "--firmware",
-            fw_arg,
-            "--memory",
-            "32M",
-        ]),
-        T,
-    );
+    let out = run(reader(&create), T);
     assert_ne!(out.code(), 0, "{out:?}");
     assert!(
         out.stderr.contains("needs the admin role"),
@@ -581,18 +578,7 @@ fn the_cli_works_remotely_end_to_end() {
         out.stderr
     );
 
-    let out = run(
-        admin(&[
-            "vm",
-            "create",
-            "rc",
-            "--firmware",
-            fw_arg,
-            "--memory",
-            "32M",
-        ]),
-        T,
-    );
+    let out = run(admin(&create), T);
     assert_eq!(out.code(), 0, "{out:?}");
     let out = run(reader(&["vm", "list"]), T);
     assert_eq!(out.code(), 0, "{out:?}");
